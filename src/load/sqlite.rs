@@ -1,0 +1,269 @@
+//! SQLite target: a temp staging table per run, merged with
+//! `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE changed` in one transaction.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use polars::prelude::*;
+use rusqlite::types::Value;
+use rusqlite::{Connection, params_from_iter};
+
+use super::{LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, Target, quote_ident};
+use crate::state::{RunId, ts};
+use crate::transform::{CURSOR_COLUMN, ColumnType, TargetSchema, format_timestamp_ms};
+
+pub struct SqliteTarget {
+    path: PathBuf,
+    table: String,
+    create: bool,
+    conn: Connection,
+    run: Option<RunPlan>,
+}
+
+/// What `prepare` learned, used by `stage` and `commit`.
+struct RunPlan {
+    run: RunId,
+    schema: TargetSchema,
+    stage_table: String,
+    has_cursor: Option<bool>,
+}
+
+fn sql_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Text => "TEXT",
+        ColumnType::Integer | ColumnType::Boolean => "INTEGER",
+        ColumnType::Float => "REAL",
+        // RFC 3339 UTC with milliseconds: sorts and compares correctly as text.
+        ColumnType::Timestamp => "TEXT",
+    }
+}
+
+fn sql_value(value: AnyValue<'_>) -> Value {
+    match value {
+        AnyValue::Null => Value::Null,
+        AnyValue::String(s) => Value::Text(s.to_string()),
+        AnyValue::StringOwned(s) => Value::Text(s.to_string()),
+        AnyValue::Int64(v) => Value::Integer(v),
+        AnyValue::Int32(v) => Value::Integer(v.into()),
+        AnyValue::Float64(v) => Value::Real(v),
+        AnyValue::Boolean(v) => Value::Integer(v.into()),
+        AnyValue::Datetime(ms, TimeUnit::Milliseconds, _) => {
+            format_timestamp_ms(ms).map(Value::Text).unwrap_or(Value::Null)
+        }
+        other => Value::Text(other.to_string()),
+    }
+}
+
+impl SqliteTarget {
+    pub fn open(path: &Path, table: &str, create: bool) -> Result<SqliteTarget, LoadError> {
+        let target = format!("sqlite {} table {table}", path.display());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::Dir {
+                target: target.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let wrap = |source| LoadError::Sqlite { target: target.clone(), source };
+        let conn = Connection::open(path).map_err(wrap)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
+        Ok(SqliteTarget { path: path.to_path_buf(), table: table.to_string(), create, conn, run: None })
+    }
+
+    fn name(&self) -> String {
+        format!("sqlite {} table {}", self.path.display(), self.table)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> LoadError + '_ {
+        move |source| LoadError::Sqlite { target: self.name(), source }
+    }
+
+    fn existing_columns(&self) -> Result<Vec<(String, String)>, LoadError> {
+        let mut stmt = self.conn.prepare("SELECT name, type FROM pragma_table_info(?1)").map_err(self.err())?;
+        let rows = stmt
+            .query_map([&self.table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    fn plan(&self) -> Result<&RunPlan, LoadError> {
+        self.run.as_ref().ok_or_else(|| LoadError::OutOfOrder { target: self.name(), stage: "stage/commit" })
+    }
+}
+
+#[async_trait]
+impl Target for SqliteTarget {
+    async fn prepare(&mut self, schema: &TargetSchema, run: RunId) -> Result<(), LoadError> {
+        let table = quote_ident(&self.table);
+        let existing = self.existing_columns()?;
+        if existing.is_empty() {
+            if !self.create {
+                return Err(LoadError::Schema {
+                    target: self.name(),
+                    message: "the table does not exist and the job has `create = false`; create it or set `create = true`".into(),
+                });
+            }
+            let mut defs: Vec<String> = schema
+                .columns
+                .iter()
+                .map(|c| {
+                    let not_null = if c.nullable { "" } else { " NOT NULL" };
+                    format!("{} {}{not_null}", quote_ident(&c.name), sql_type(c.ty))
+                })
+                .collect();
+            defs.push(format!("{} INTEGER NOT NULL", quote_ident(RUN_ID_COLUMN)));
+            defs.push(format!("{} TEXT NOT NULL", quote_ident(LOADED_AT_COLUMN)));
+            let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
+            defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+            self.conn
+                .execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", ")), [])
+                .map_err(self.err())?;
+        } else {
+            let missing: Vec<&str> = schema
+                .columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .chain([RUN_ID_COLUMN, LOADED_AT_COLUMN])
+                .filter(|name| !existing.iter().any(|(e, _)| e == name))
+                .collect();
+            if !missing.is_empty() {
+                return Err(LoadError::Schema {
+                    target: self.name(),
+                    message: format!(
+                        "the table lacks mapped column(s) {}; add them to the table (ALTER TABLE ... ADD COLUMN) or remove them from the mapping",
+                        missing.join(", ")
+                    ),
+                });
+            }
+        }
+
+        // A temp table lives only as long as this connection: a killed run
+        // leaves no staging behind.
+        let stage_table = format!("_nightjar_stage_{run}");
+        let mut defs: Vec<String> =
+            schema.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), sql_type(c.ty))).collect();
+        defs.push(format!("{} INTEGER", quote_ident(CURSOR_COLUMN)));
+        let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
+        defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+        let stage = quote_ident(&stage_table);
+        self.conn
+            .execute_batch(&format!("DROP TABLE IF EXISTS temp.{stage}; CREATE TEMP TABLE {stage} ({});", defs.join(", ")))
+            .map_err(self.err())?;
+        self.run = Some(RunPlan { run, schema: schema.clone(), stage_table, has_cursor: None });
+        Ok(())
+    }
+
+    async fn stage(&mut self, page: &DataFrame) -> Result<(), LoadError> {
+        let name = self.name();
+        let plan = self.run.as_mut().ok_or_else(|| LoadError::OutOfOrder { target: name.clone(), stage: "stage" })?;
+        let has_cursor = page.column(CURSOR_COLUMN).is_ok();
+        plan.has_cursor = Some(plan.has_cursor.unwrap_or(false) || has_cursor);
+        let mut names: Vec<&str> = plan.schema.columns.iter().map(|c| c.name.as_str()).collect();
+        if has_cursor {
+            names.push(CURSOR_COLUMN);
+        }
+        let columns: Vec<&Column> = names
+            .iter()
+            .map(|n| {
+                page.column(n).map_err(|_| LoadError::Schema {
+                    target: name.clone(),
+                    message: format!("the mapped page lacks column `{n}`"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let quoted: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+        let key: Vec<String> = plan.schema.key.iter().map(|k| quote_ident(k)).collect();
+        let set: Vec<String> = quoted.iter().map(|q| format!("{q} = excluded.{q}")).collect();
+        // Two rows with one key in one extract: the higher cursor wins
+        // (on a tie, the later row), so the merge never sees a key twice.
+        let keep_newest = if has_cursor {
+            let c = quote_ident(CURSOR_COLUMN);
+            format!(" WHERE excluded.{c} >= {c} OR {c} IS NULL")
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "INSERT INTO temp.{} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}{keep_newest}",
+            quote_ident(&plan.stage_table),
+            quoted.join(", "),
+            vec!["?"; quoted.len()].join(", "),
+            key.join(", "),
+            set.join(", "),
+        );
+        let wrap = |source| LoadError::Sqlite { target: name.clone(), source };
+        let tx = self.conn.unchecked_transaction().map_err(wrap)?;
+        {
+            let mut insert = tx.prepare(&sql).map_err(wrap)?;
+            let mut row: Vec<Value> = Vec::with_capacity(columns.len());
+            for i in 0..page.height() {
+                row.clear();
+                for col in &columns {
+                    let value = col.get(i).map_err(|e| LoadError::Schema { target: name.clone(), message: e.to_string() })?;
+                    row.push(sql_value(value));
+                }
+                insert.execute(params_from_iter(row.iter())).map_err(wrap)?;
+            }
+        }
+        tx.commit().map_err(wrap)?;
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<LoadCounts, LoadError> {
+        let plan = self.plan()?;
+        let table = quote_ident(&self.table);
+        let stage = format!("temp.{}", quote_ident(&plan.stage_table));
+        let cols: Vec<String> = plan.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let key: Vec<String> = plan.schema.key.iter().map(|k| quote_ident(k)).collect();
+        let key_match: Vec<String> = key.iter().map(|k| format!("t.{k} = s.{k}")).collect();
+        let non_key: Vec<&String> = cols.iter().filter(|c| !key.contains(c)).collect();
+        let run_col = quote_ident(RUN_ID_COLUMN);
+        let loaded_col = quote_ident(LOADED_AT_COLUMN);
+        let mut set: Vec<String> = non_key.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        set.push(format!("{run_col} = excluded.{run_col}"));
+        set.push(format!("{loaded_col} = excluded.{loaded_col}"));
+        // Unchanged rows are left alone, so re-running a window rewrites nothing.
+        let changed = if non_key.is_empty() {
+            "false".to_string()
+        } else {
+            non_key.iter().map(|c| format!("{table}.{c} IS NOT excluded.{c}")).collect::<Vec<_>>().join(" OR ")
+        };
+        let merge = format!(
+            "INSERT INTO {table} ({cols}, {run_col}, {loaded_col}) SELECT {cols}, ?1, ?2 FROM {stage} WHERE true \
+             ON CONFLICT ({key}) DO UPDATE SET {set} WHERE {changed}",
+            cols = cols.join(", "),
+            key = key.join(", "),
+            set = set.join(", "),
+        );
+        let count_new = format!(
+            "SELECT count(*) FROM {stage} s WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {})",
+            key_match.join(" AND ")
+        );
+        let run = plan.run;
+        let stage_table = plan.stage_table.clone();
+        let err = self.err();
+        let tx = self.conn.unchecked_transaction().map_err(&err)?;
+        let staged: i64 = tx.query_row(&format!("SELECT count(*) FROM {stage}"), [], |r| r.get(0)).map_err(&err)?;
+        let inserted: i64 = tx.query_row(&count_new, [], |r| r.get(0)).map_err(&err)?;
+        let written = tx.execute(&merge, rusqlite::params![run, ts(Utc::now())]).map_err(&err)? as i64;
+        tx.execute_batch(&format!("DROP TABLE temp.{}", quote_ident(&stage_table))).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        drop(err);
+        self.run = None;
+        Ok(LoadCounts {
+            inserted: inserted as u64,
+            updated: (written - inserted).max(0) as u64,
+            unchanged: (staged - written).max(0) as u64,
+            deleted: 0,
+        })
+    }
+
+    async fn abort(&mut self) -> Result<(), LoadError> {
+        if let Some(plan) = self.run.take() {
+            let sql = format!("DROP TABLE IF EXISTS temp.{}", quote_ident(&plan.stage_table));
+            self.conn.execute_batch(&sql).map_err(self.err())?;
+        }
+        Ok(())
+    }
+}

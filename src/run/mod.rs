@@ -1,0 +1,266 @@
+//! One run of one job, from window planning to the watermark.
+//!
+//! The order of effects is the product's core promise: the target commit
+//! happens in one transaction, and only after it succeeded does the
+//! watermark move (written together with the run's closing row).
+
+mod window;
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+pub use window::{Window, build_soql, plan_window, soql_datetime};
+
+use crate::config::{ConfigError, Connection, Job, Project};
+use crate::load::{LoadError, open_target};
+use crate::salesforce::{Page, SalesforceClient, SalesforceError};
+use crate::state::{RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
+use crate::transform::{Mapping, TransformError};
+
+/// Pages downloaded ahead of the one being mapped and staged: page N+1
+/// downloads while page N is processed, and memory stays at a few pages.
+const PAGES_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Salesforce(#[from] SalesforceError),
+    #[error("{0}")]
+    Transform(#[from] TransformError),
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error(
+        "{rejected} of {extracted} rows were rejected, more than max_reject_ratio = {max}; see `nightjar show {run} --rejects`, fix the data or the mapping, and run again"
+    )]
+    TooManyRejects { run: RunId, rejected: u64, extracted: u64, max: f64 },
+    #[error("job `{job}`: {message}")]
+    Job { job: String, message: String },
+}
+
+impl RunError {
+    /// The error class that history and alerts show.
+    pub fn class(&self) -> &'static str {
+        match self {
+            RunError::Config(_) | RunError::Job { .. } => "config",
+            RunError::Salesforce(e) => e.class(),
+            RunError::Transform(_) => "transform",
+            RunError::Load(e) => e.class(),
+            RunError::State(_) => "state",
+            RunError::TooManyRejects { .. } => "data_rejects",
+        }
+    }
+}
+
+/// How a run ended, for the caller to print.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_id: RunId,
+    pub job: String,
+    pub status: RunStatus,
+    pub counts: RunCounts,
+    pub window: Option<Window>,
+    pub salesforce_job_ids: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// What a run learned along the way; kept even when it fails, for history.
+#[derive(Default)]
+struct Progress {
+    counts: RunCounts,
+    window: Option<Window>,
+    salesforce_job_ids: Vec<String>,
+}
+
+/// Runs one job now. A failure is recorded in history and reported in the
+/// returned report; `Err` means the run could not even be recorded.
+pub async fn run_job(project: &Project, state: &StateStore, job_name: &str, trigger: &str) -> Result<RunReport, RunError> {
+    let job = project.job(job_name)?;
+    let run = state.open_run(job_name, trigger, Utc::now())?;
+    tracing::info!(job = job_name, run, "run started");
+    let mut progress = Progress::default();
+    let result = execute(project, state, job, run, &mut progress).await;
+    let (status, watermark, error_class, error) = match &result {
+        Ok(watermark) => (RunStatus::Succeeded, *watermark, None, None),
+        Err(e) => (RunStatus::Failed, None, Some(e.class().to_string()), Some(e.to_string())),
+    };
+    let end = RunEnd {
+        status,
+        counts: progress.counts.clone(),
+        salesforce_job_ids: progress.salesforce_job_ids.clone(),
+        error_class,
+        error: error.clone(),
+    };
+    state.finish_run(run, &end, watermark, Utc::now())?;
+    match &error {
+        None => tracing::info!(job = job_name, run, extracted = end.counts.extracted, "run succeeded"),
+        Some(e) => tracing::error!(job = job_name, run, error = %e, "run failed"),
+    }
+    Ok(RunReport {
+        run_id: run,
+        job: job_name.to_string(),
+        status,
+        counts: progress.counts,
+        window: progress.window,
+        salesforce_job_ids: progress.salesforce_job_ids,
+        error,
+    })
+}
+
+/// The pipeline proper. Returns the new watermark (the window's upper bound)
+/// once the target commit has succeeded.
+async fn execute(
+    project: &Project,
+    state: &StateStore,
+    job: &Job,
+    run: RunId,
+    progress: &mut Progress,
+) -> Result<Option<DateTime<Utc>>, RunError> {
+    let spec = &job.spec;
+    let source = &spec.source;
+    let conn_name = source.connection.get_ref();
+    let Some(Connection::Salesforce(conn)) = project.connection(conn_name) else {
+        return Err(RunError::Job {
+            job: job.name.clone(),
+            message: format!("source connection `{conn_name}` is not a Salesforce connection"),
+        });
+    };
+    let mapping = Mapping::new(spec, &job.mapping)?;
+    let schema = mapping.schema();
+    let client = SalesforceClient::new(conn_name, conn)?;
+
+    let started = Utc::now();
+    let clock = Instant::now();
+    let server_now = client.server_now().await?;
+    let watermark = state.watermark(&job.name)?;
+    let window = source.cursor.as_ref().map(|_| plan_window(watermark, server_now, source.lookback, source.settle));
+    state.set_window(run, window.and_then(|w| w.start), window.map(|w| w.end), watermark)?;
+    progress.window = window;
+    state.record_step(run, "plan", started, clock.elapsed())?;
+
+    let mut target = open_target(project, job)?;
+    target.prepare(&schema, run).await?;
+    let loaded = load_pages(state, job, run, &client, &mapping, &mut *target, window, progress).await;
+    let counts = match loaded {
+        Ok(()) => {
+            let started = Utc::now();
+            let clock = Instant::now();
+            let result = target.commit().await;
+            state.record_step(run, "commit", started, clock.elapsed())?;
+            result?
+        }
+        Err(e) => {
+            if let Err(abort) = target.abort().await {
+                tracing::warn!(run, error = %abort, "dropping staging after a failure also failed");
+            }
+            return Err(e);
+        }
+    };
+    progress.counts.inserted = counts.inserted;
+    progress.counts.updated = counts.updated;
+    progress.counts.unchanged = counts.unchanged;
+    progress.counts.deleted = counts.deleted;
+    Ok(window.map(|w| w.end))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn load_pages(
+    state: &StateStore,
+    job: &Job,
+    run: RunId,
+    client: &std::sync::Arc<SalesforceClient>,
+    mapping: &Mapping,
+    target: &mut dyn crate::load::Target,
+    window: Option<Window>,
+    progress: &mut Progress,
+) -> Result<(), RunError> {
+    let source = &job.spec.source;
+    let fields: Vec<&str> = source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
+    let soql = build_soql(
+        &fields,
+        source.object.get_ref(),
+        source.where_clause.as_deref(),
+        source.cursor.as_ref().map(|c| c.get_ref().as_str()),
+        window,
+    );
+    tracing::debug!(job = %job.name, %soql, "creating query job");
+
+    let started = Utc::now();
+    let clock = Instant::now();
+    let created = client.create_query_job(&soql, source.include_deleted).await?;
+    let sf_job = created.id.clone();
+    progress.salesforce_job_ids.push(sf_job.clone());
+    if let Err(e) = client.wait_for_job(&sf_job).await {
+        if !matches!(e, SalesforceError::JobFailed { .. } | SalesforceError::JobAborted { .. })
+            && let Err(abort) = client.abort_job(&sf_job).await
+        {
+            tracing::warn!(job = %job.name, sf_job = %sf_job, error = %abort, "could not abort the Salesforce job");
+        }
+        return Err(e.into());
+    }
+    state.record_step(run, "extract", started, clock.elapsed())?;
+
+    // The download runs ahead in its own task so the network and the
+    // mapping/staging overlap.
+    let (tx, mut rx) = mpsc::channel::<Result<Page, SalesforceError>>(PAGES_IN_FLIGHT);
+    let downloader = {
+        let client = client.clone();
+        let sf_job = sf_job.clone();
+        let page_size = source.page_size;
+        tokio::spawn(async move {
+            let mut locator: Option<String> = None;
+            let mut number = 1;
+            loop {
+                let page = client.results_page(&sf_job, locator.as_deref(), page_size, number).await;
+                let next = page.as_ref().ok().and_then(|p| p.next_locator.clone());
+                let last = page.is_err() || next.is_none();
+                if tx.send(page).await.is_err() || last {
+                    break;
+                }
+                locator = next;
+                number += 1;
+            }
+        })
+    };
+
+    let mut transform_time = std::time::Duration::ZERO;
+    let mut load_time = std::time::Duration::ZERO;
+    let load_started = Utc::now();
+    let result = async {
+        while let Some(page) = rx.recv().await {
+            let page = page?;
+            let clock = Instant::now();
+            let mapped = mapping.apply(&page.frame)?;
+            transform_time += clock.elapsed();
+            progress.counts.pages += 1;
+            progress.counts.extracted += mapped.rows_in as u64;
+            progress.counts.rejected += mapped.rejects.len() as u64;
+            if !mapped.rejects.is_empty() {
+                state.add_rejects(run, &mapped.rejects)?;
+            }
+            let clock = Instant::now();
+            target.stage(&mapped.frame).await?;
+            load_time += clock.elapsed();
+            tracing::debug!(job = %job.name, page = page.number, rows = mapped.rows_in, "page staged");
+        }
+        Ok::<(), RunError>(())
+    }
+    .await;
+    downloader.abort();
+    result?;
+    state.record_step(run, "transform", load_started, transform_time)?;
+    state.record_step(run, "load", load_started, load_time)?;
+
+    let c = &progress.counts;
+    let max = job.spec.transform.max_reject_ratio;
+    if c.rejected > 0 && (c.rejected as f64) > max * (c.extracted as f64) {
+        return Err(RunError::TooManyRejects { run, rejected: c.rejected, extracted: c.extracted, max });
+    }
+    Ok(())
+}

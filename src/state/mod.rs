@@ -1,0 +1,386 @@
+//! The state DB (SQLite, WAL): run history, watermarks, rejects.
+//!
+//! It is the single source of truth for history; `run`, `history` and later
+//! `serve` open it at the same time, hence WAL and a busy timeout. Schema
+//! changes are migrations so an older state file upgrades in place.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+use serde::Serialize;
+use thiserror::Error;
+
+/// Rejected rows kept per run; the rest are counted, not stored, so one bad
+/// deploy cannot fill the disk.
+pub const REJECTS_KEPT_PER_RUN: usize = 1000;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state DB {path}: {source}; check the path and its permissions (--state or [state].path)")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("state DB {path}: upgrading the schema failed: {source}")]
+    Migrate { path: PathBuf, source: rusqlite_migration::Error },
+    #[error("state DB {path}: cannot create its directory: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("state DB: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state DB holds an unreadable timestamp `{0}`")]
+    BadTimestamp(String),
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(include_str!("migrations/001_runs_watermarks.sql"))])
+}
+
+pub type RunId = i64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Abandoned,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            "abandoned" => Self::Abandoned,
+            _ => return None,
+        })
+    }
+}
+
+/// Row counts of one run, as history shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunCounts {
+    pub pages: u64,
+    pub extracted: u64,
+    pub rejected: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+}
+
+/// How a run ended, written when it closes.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub counts: RunCounts,
+    pub salesforce_job_ids: Vec<String>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One row of history.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub job: String,
+    pub status: RunStatus,
+    pub trigger: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub window_start: Option<String>,
+    pub window_end: Option<String>,
+    pub watermark_before: Option<String>,
+    pub watermark_after: Option<String>,
+    pub counts: RunCounts,
+    pub salesforce_job_ids: Vec<String>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HistoryFilter {
+    pub job: Option<String>,
+    pub status: Option<RunStatus>,
+    pub limit: Option<u32>,
+    /// Only runs with an id at least this (the demo prints its own runs).
+    pub min_id: Option<RunId>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectRecord {
+    pub record_id: Option<String>,
+    pub column: String,
+    pub value: Option<String>,
+    pub reason: String,
+}
+
+pub struct StateStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+/// Timestamps in the state DB: RFC 3339 UTC with milliseconds, which sorts as text.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_ts(s: &str) -> Result<DateTime<Utc>, StateError> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|_| StateError::BadTimestamp(s.into()))
+}
+
+impl StateStore {
+    pub fn open(path: &Path) -> Result<StateStore, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Dir { path: path.into(), source })?;
+        }
+        let open_err = |source| StateError::Open { path: path.into(), source };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        migrations().to_latest(&mut conn).map_err(|source| StateError::Migrate { path: path.into(), source })?;
+        Ok(StateStore { conn: Mutex::new(conn), path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written
+        // (transactions roll back), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn open_run(&self, job: &str, trigger: &str, now: DateTime<Utc>) -> Result<RunId, StateError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO runs (job, status, trigger, pid, started_at) VALUES (?1, 'running', ?2, ?3, ?4)",
+            params![job, trigger, std::process::id(), ts(now)],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn set_window(
+        &self,
+        run: RunId,
+        start: Option<DateTime<Utc>>,
+        end: Option<DateTime<Utc>>,
+        watermark_before: Option<DateTime<Utc>>,
+    ) -> Result<(), StateError> {
+        self.conn().execute(
+            "UPDATE runs SET window_start = ?2, window_end = ?3, watermark_before = ?4 WHERE id = ?1",
+            params![run, start.map(ts), end.map(ts), watermark_before.map(ts)],
+        )?;
+        Ok(())
+    }
+
+    pub fn record_step(&self, run: RunId, step: &str, started: DateTime<Utc>, took: Duration) -> Result<(), StateError> {
+        self.conn().execute(
+            "INSERT INTO run_steps (run_id, step, started_at, duration_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (run_id, step) DO UPDATE SET duration_ms = duration_ms + excluded.duration_ms",
+            params![run, step, ts(started), took.as_millis() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps rejects up to [`REJECTS_KEPT_PER_RUN`] per run; returns how many were stored.
+    pub fn add_rejects(&self, run: RunId, rejects: &[crate::transform::Reject]) -> Result<usize, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let kept: i64 = tx.query_row("SELECT count(*) FROM rejects WHERE run_id = ?1", [run], |r| r.get(0))?;
+        let room = REJECTS_KEPT_PER_RUN.saturating_sub(kept as usize);
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO rejects (run_id, record_id, column_name, value, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for r in rejects.iter().take(room) {
+                insert.execute(params![run, r.record_id, r.column, r.value, r.reason])?;
+            }
+        }
+        tx.commit()?;
+        Ok(rejects.len().min(room))
+    }
+
+    pub fn rejects(&self, run: RunId) -> Result<Vec<RejectRecord>, StateError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT record_id, column_name, value, reason FROM rejects WHERE run_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map([run], |r| {
+            Ok(RejectRecord { record_id: r.get(0)?, column: r.get(1)?, value: r.get(2)?, reason: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn watermark(&self, job: &str) -> Result<Option<DateTime<Utc>>, StateError> {
+        let value: Option<String> = self
+            .conn()
+            .query_row("SELECT value FROM watermarks WHERE job = ?1", [job], |r| r.get(0))
+            .optional()?;
+        value.map(|v| parse_ts(&v)).transpose()
+    }
+
+    pub fn clear_watermark(&self, job: &str) -> Result<(), StateError> {
+        self.conn().execute("DELETE FROM watermarks WHERE job = ?1", [job])?;
+        Ok(())
+    }
+
+    /// Closes a run. A succeeded run may carry the new watermark, which is
+    /// written in the same transaction so history and watermark never disagree.
+    pub fn finish_run(
+        &self,
+        run: RunId,
+        end: &RunEnd,
+        new_watermark: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let job: String = tx.query_row("SELECT job FROM runs WHERE id = ?1", [run], |r| r.get(0))?;
+        if let Some(wm) = new_watermark {
+            tx.execute(
+                "INSERT INTO watermarks (job, value, run_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (job) DO UPDATE SET value = excluded.value, run_id = excluded.run_id, updated_at = excluded.updated_at",
+                params![job, ts(wm), run, ts(now)],
+            )?;
+        }
+        let c = &end.counts;
+        tx.execute(
+            "UPDATE runs SET status = ?2, finished_at = ?3, watermark_after = ?4,
+                 pages = ?5, rows_extracted = ?6, rows_rejected = ?7, rows_inserted = ?8,
+                 rows_updated = ?9, rows_unchanged = ?10, rows_deleted = ?11,
+                 sf_job_ids = ?12, error_class = ?13, error = ?14
+             WHERE id = ?1",
+            params![
+                run,
+                end.status.as_str(),
+                ts(now),
+                new_watermark.map(ts),
+                c.pages as i64,
+                c.extracted as i64,
+                c.rejected as i64,
+                c.inserted as i64,
+                c.updated as i64,
+                c.unchanged as i64,
+                c.deleted as i64,
+                end.salesforce_job_ids.join(","),
+                end.error_class,
+                end.error,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs, newest first.
+    pub fn history(&self, filter: &HistoryFilter) -> Result<Vec<RunRecord>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, job, status, trigger, started_at, finished_at, window_start, window_end,
+                    watermark_before, watermark_after, pages, rows_extracted, rows_rejected,
+                    rows_inserted, rows_updated, rows_unchanged, rows_deleted, sf_job_ids, error_class, error
+             FROM runs
+             WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id >= ?3)
+             ORDER BY id DESC
+             LIMIT ?4",
+        )?;
+        let limit = filter.limit.map_or(-1, i64::from);
+        let rows = stmt.query_map(
+            params![filter.job, filter.status.map(RunStatus::as_str), filter.min_id, limit],
+            |r| {
+                let status: String = r.get(2)?;
+                let ids: String = r.get(17)?;
+                Ok(RunRecord {
+                    id: r.get(0)?,
+                    job: r.get(1)?,
+                    status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
+                    trigger: r.get(3)?,
+                    started_at: r.get(4)?,
+                    finished_at: r.get(5)?,
+                    duration_ms: None,
+                    window_start: r.get(6)?,
+                    window_end: r.get(7)?,
+                    watermark_before: r.get(8)?,
+                    watermark_after: r.get(9)?,
+                    counts: RunCounts {
+                        pages: r.get::<_, i64>(10)? as u64,
+                        extracted: r.get::<_, i64>(11)? as u64,
+                        rejected: r.get::<_, i64>(12)? as u64,
+                        inserted: r.get::<_, i64>(13)? as u64,
+                        updated: r.get::<_, i64>(14)? as u64,
+                        unchanged: r.get::<_, i64>(15)? as u64,
+                        deleted: r.get::<_, i64>(16)? as u64,
+                    },
+                    salesforce_job_ids: ids.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                    error_class: r.get(18)?,
+                    error: r.get(19)?,
+                })
+            },
+        )?;
+        let mut out: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
+        for run in &mut out {
+            if let (Ok(a), Some(Ok(b))) = (parse_ts(&run.started_at), run.finished_at.as_deref().map(parse_ts)) {
+                run.duration_ms = Some((b - a).num_milliseconds());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn run(&self, id: RunId) -> Result<Option<RunRecord>, StateError> {
+        let filter = HistoryFilter { min_id: Some(id), ..Default::default() };
+        Ok(self.history(&filter)?.into_iter().find(|r| r.id == id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        assert!(migrations().validate().is_ok());
+    }
+
+    #[test]
+    fn watermark_moves_only_with_a_finished_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s/state.db")).unwrap();
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let run = store.open_run("accounts", "manual", t0).unwrap();
+        assert_eq!(store.watermark("accounts").unwrap(), None);
+        let end = RunEnd {
+            status: RunStatus::Succeeded,
+            counts: RunCounts { extracted: 5, inserted: 5, ..Default::default() },
+            salesforce_job_ids: vec!["750A".into()],
+            error_class: None,
+            error: None,
+        };
+        store.finish_run(run, &end, Some(t0), t0).unwrap();
+        assert_eq!(store.watermark("accounts").unwrap(), Some(t0));
+        let h = store.history(&HistoryFilter::default()).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].status, RunStatus::Succeeded);
+        assert_eq!(h[0].counts.inserted, 5);
+        assert_eq!(h[0].salesforce_job_ids, vec!["750A".to_string()]);
+        // Reopening an existing file runs no migration twice.
+        drop(store);
+        let again = StateStore::open(&dir.path().join("s/state.db")).unwrap();
+        assert_eq!(again.watermark("accounts").unwrap(), Some(t0));
+    }
+}

@@ -1,0 +1,138 @@
+//! A throwaway nightjar installation (config, job, mapping, state) wired to
+//! an in-process sandbox.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nightjar::config::Project;
+use nightjar::run::{RunReport, run_job};
+use nightjar::sandbox::{RunningSandbox, Sandbox, SandboxConfig};
+use nightjar::state::StateStore;
+use rusqlite::types::Value;
+
+/// Every Account field the generator makes, extracted as-is.
+pub const FIELDS: &[&str] = &[
+    "Id", "Name", "Type", "Industry", "AnnualRevenue", "NumberOfEmployees", "Rating", "Phone", "Website",
+    "BillingStreet", "BillingCity", "BillingPostalCode", "BillingCountry", "Description", "IsActive__c",
+    "CustomerSince__c", "Score__c", "CreatedDate", "LastModifiedDate", "SystemModstamp", "IsDeleted", "OwnerId",
+];
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub sandbox: Sandbox,
+    /// Held for the fixture's lifetime: the sandbox serves while it lives.
+    #[allow(dead_code)]
+    pub running: RunningSandbox,
+    pub project: Project,
+    pub state: StateStore,
+}
+
+/// Column name in the warehouse for a Salesforce field.
+pub fn column_for(field: &str) -> String {
+    field.to_ascii_lowercase()
+}
+
+impl Fixture {
+    /// A sandbox with `accounts` generated Accounts, and a job `accounts`
+    /// that maps every field as text (SystemModstamp as timestamp) with the
+    /// given page size, no lookback and a 2-minute settle.
+    pub async fn new(accounts: usize, page_size: u32) -> Fixture {
+        let config = SandboxConfig { objects: vec![("Account".into(), accounts)], ..SandboxConfig::default() };
+        let sandbox = Sandbox::new(config.clone()).expect("sandbox config is valid");
+        let running = sandbox.start(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("sandbox listens");
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_project(dir.path(), running.base_url(), &config, page_size);
+        let project = Project::load(&dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
+        let state = StateStore::open(&dir.path().join("state/nightjar.db")).expect("state opens");
+        Fixture { dir, sandbox, running, project, state }
+    }
+
+    pub async fn run(&self) -> RunReport {
+        run_job(&self.project, &self.state, "accounts", "test").await.expect("run is recorded")
+    }
+
+    pub fn advance(&self, minutes: u64) {
+        self.sandbox.advance_clock(Duration::from_secs(minutes * 60));
+    }
+
+    pub fn warehouse(&self) -> PathBuf {
+        self.dir.path().join("state/warehouse.db")
+    }
+
+    /// The whole target table, ordered by key, every column.
+    pub fn table(&self) -> Vec<Vec<Value>> {
+        let conn = rusqlite::Connection::open(self.warehouse()).expect("warehouse opens");
+        let mut stmt = conn.prepare("SELECT * FROM account ORDER BY id").expect("table exists");
+        let width = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| (0..width).map(|i| r.get::<_, Value>(i)).collect::<Result<Vec<_>, _>>())
+            .expect("query runs");
+        rows.map(|r| r.expect("row reads")).collect()
+    }
+
+    pub fn column_names(&self) -> Vec<String> {
+        let conn = rusqlite::Connection::open(self.warehouse()).expect("warehouse opens");
+        let stmt = conn.prepare("SELECT * FROM account").expect("table exists");
+        stmt.column_names().into_iter().map(str::to_string).collect()
+    }
+}
+
+fn write_project(dir: &Path, base_url: &str, sandbox: &SandboxConfig, page_size: u32) {
+    std::fs::create_dir_all(dir.join("jobs")).unwrap();
+    std::fs::create_dir_all(dir.join("mappings")).unwrap();
+    std::fs::write(
+        dir.join("nightjar.toml"),
+        format!(
+            r#"[state]
+path = "state/nightjar.db"
+
+[connections.org]
+kind = "salesforce"
+login_url = "{base_url}"
+auth = "client_credentials"
+client_id = "{}"
+client_secret = "{}"
+
+[connections.wh]
+kind = "sqlite"
+path = "state/warehouse.db"
+"#,
+            sandbox.client_id, sandbox.client_secret
+        ),
+    )
+    .unwrap();
+    let fields = FIELDS.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
+    std::fs::write(
+        dir.join("jobs/accounts.toml"),
+        format!(
+            r#"[source]
+connection = "org"
+object = "Account"
+fields = [{fields}]
+cursor = "SystemModstamp"
+settle = "2m"
+page_size = {page_size}
+
+[transform]
+mapping = "accounts"
+
+[target]
+connection = "wh"
+table = "account"
+key = ["id"]
+"#
+        ),
+    )
+    .unwrap();
+    let mut mapping = String::new();
+    for f in FIELDS {
+        let ty = if *f == "SystemModstamp" { "timestamp" } else { "text" };
+        let required = *f == "Id";
+        mapping.push_str(&format!(
+            "[[column]]\nname = \"{}\"\nfrom = \"{f}\"\ntype = \"{ty}\"\nrequired = {required}\n\n",
+            column_for(f)
+        ));
+    }
+    std::fs::write(dir.join("mappings/accounts.toml"), mapping).unwrap();
+}
