@@ -204,6 +204,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             let addr = listener.local_addr()?;
             println!("sandbox: listening on http://{addr} (client_id `{}`); Ctrl-C stops it", config.client_id);
+            println!(
+                "sandbox: change data and time between runs with e.g.\n  curl -X POST 'http://{addr}/sandbox/objects/Account/update?count=10'\n  curl -X POST 'http://{addr}/sandbox/clock/advance?by=5m'"
+            );
             tokio::select! {
                 served = sandbox.serve(listener) => served?,
                 _ = tokio::signal::ctrl_c() => {}

@@ -10,8 +10,8 @@ fn count(n: u64) -> String {
 }
 
 fn short_ts(ts: &Option<String>) -> String {
-    // `2026-01-01T00:58:00.000Z` -> `2026-01-01 00:58:00`: the table is for people.
-    ts.as_deref().map(|t| t.replace('T', " ").trim_end_matches('Z').trim_end_matches(".000").to_string()).unwrap_or_default()
+    // `2026-01-01T00:58:00.123Z` -> `2026-01-01 00:58:00`: the table is for people.
+    ts.as_deref().map(|t| t.replace('T', " ").chars().take(19).collect()).unwrap_or_default()
 }
 
 fn duration(ms: Option<i64>) -> String {

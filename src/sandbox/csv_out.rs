@@ -213,8 +213,16 @@ mod tests {
     #[test]
     fn output_parses_back_with_an_rfc4180_reader() {
         let rows = vec![
-            vec![Some(Value::text("1")), Some(Value::text("München, \"Zentrum\"\n2. OG")), None],
-            vec![Some(Value::text("2")), Some(Value::text("東京 🚀")), Some(Value::text("null"))],
+            vec![
+                Some(Value::text("1")),
+                Some(Value::text("München, \"Zentrum\"\n2. OG")),
+                None,
+            ],
+            vec![
+                Some(Value::text("2")),
+                Some(Value::text("東京 🚀")),
+                Some(Value::text("null")),
+            ],
         ];
         let text = render(&rows, CsvStyle::default());
         let mut reader = csv::Reader::from_reader(text.as_bytes());
@@ -231,7 +239,10 @@ mod tests {
     #[test]
     fn option_names_parse() {
         for name in ["COMMA", "TAB", "PIPE", "SEMICOLON", "CARET", "BACKQUOTE"] {
-            assert_eq!(ColumnDelimiter::parse(name).map(ColumnDelimiter::name), Some(name));
+            assert_eq!(
+                ColumnDelimiter::parse(name).map(ColumnDelimiter::name),
+                Some(name)
+            );
         }
         assert_eq!(ColumnDelimiter::parse("comma"), None);
         assert_eq!(LineEnding::parse("CRLF"), Some(LineEnding::Crlf));

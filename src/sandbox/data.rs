@@ -347,8 +347,22 @@ mod tests {
         assert_eq!(Value::DateTime(t).render(), "2024-01-31T12:00:00.000Z");
         assert_eq!(Value::Date(t.date_naive()).render(), "2024-01-31");
         assert_eq!(Value::Bool(true).render(), "true");
-        assert_eq!(Value::Decimal { units: 123450, scale: 2 }.render(), "1234.50");
-        assert_eq!(Value::Decimal { units: -5, scale: 2 }.render(), "-0.05");
+        assert_eq!(
+            Value::Decimal {
+                units: 123450,
+                scale: 2
+            }
+            .render(),
+            "1234.50"
+        );
+        assert_eq!(
+            Value::Decimal {
+                units: -5,
+                scale: 2
+            }
+            .render(),
+            "-0.05"
+        );
         assert_eq!(Value::Double(37.25).render(), "37.25");
         assert_eq!(Value::Int(300).render(), "300");
         assert_eq!(json_timestamp(t), "2024-01-31T12:00:00.000+0000");

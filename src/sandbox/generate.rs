@@ -33,7 +33,11 @@ pub(crate) fn find_object(name: &str) -> Option<&'static ObjectSpec> {
 }
 
 pub(crate) fn known_object_names() -> String {
-    OBJECTS.iter().map(|o| o.name).collect::<Vec<_>>().join(", ")
+    OBJECTS
+        .iter()
+        .map(|o| o.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// SplitMix64 finaliser: spreads (seed, index) pairs so neighbouring rows get
@@ -85,7 +89,12 @@ fn account_schema() -> Schema {
             field("Website", "Website", T::Url, true),
             field("BillingStreet", "Billing Street", T::TextArea, true),
             field("BillingCity", "Billing City", T::String, true),
-            field("BillingPostalCode", "Billing Zip/Postal Code", T::String, true),
+            field(
+                "BillingPostalCode",
+                "Billing Zip/Postal Code",
+                T::String,
+                true,
+            ),
             field("BillingCountry", "Billing Country", T::String, true),
             field("Description", "Account Description", T::TextArea, true),
             field("IsActive__c", "Active", T::Boolean, false),
@@ -101,15 +110,44 @@ fn account_schema() -> Schema {
 }
 
 const NAME_HEADS: &[&str] = &[
-    "Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Tyrell", "Cyberdyne", "Soylent",
-    "Hooli", "Vandelay", "Wonka", "Oceanic", "Nakatomi", "Aperture", "Blue Sun", "Monarch",
-    "Sterling Cooper", "Müller", "Søren", "Łukasz", "Nordström",
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Soylent",
+    "Hooli",
+    "Vandelay",
+    "Wonka",
+    "Oceanic",
+    "Nakatomi",
+    "Aperture",
+    "Blue Sun",
+    "Monarch",
+    "Sterling Cooper",
+    "Müller",
+    "Søren",
+    "Łukasz",
+    "Nordström",
 ];
 const NAME_MIDDLES: &[&str] = &[
-    "", " Industries", " Holdings", " Logistics", " Systems", " Foods", " Energy", " Media",
-    " Labs", " & Söhne",
+    "",
+    " Industries",
+    " Holdings",
+    " Logistics",
+    " Systems",
+    " Foods",
+    " Energy",
+    " Media",
+    " Labs",
+    " & Söhne",
 ];
-const NAME_TAILS: &[&str] = &[" Inc.", " GmbH", " Ltd", " S.A.", " Corp.", " AG", ", LLC", ""];
+const NAME_TAILS: &[&str] = &[
+    " Inc.", " GmbH", " Ltd", " S.A.", " Corp.", " AG", ", LLC", "",
+];
 /// Awkward names that a client must escape correctly in SOQL and CSV.
 const ODD_NAMES: &[&str] = &[
     "O'Brien & Sons",
@@ -129,28 +167,96 @@ const TYPES: &[&str] = &[
     "Other",
 ];
 const INDUSTRIES: &[&str] = &[
-    "Agriculture", "Banking", "Biotechnology", "Chemicals", "Communications", "Construction",
-    "Consulting", "Education", "Electronics", "Energy", "Engineering", "Entertainment", "Finance",
-    "Healthcare", "Hospitality", "Insurance", "Manufacturing", "Media", "Retail", "Technology",
+    "Agriculture",
+    "Banking",
+    "Biotechnology",
+    "Chemicals",
+    "Communications",
+    "Construction",
+    "Consulting",
+    "Education",
+    "Electronics",
+    "Energy",
+    "Engineering",
+    "Entertainment",
+    "Finance",
+    "Healthcare",
+    "Hospitality",
+    "Insurance",
+    "Manufacturing",
+    "Media",
+    "Retail",
+    "Technology",
 ];
 const RATINGS: &[&str] = &["Hot", "Warm", "Cold"];
 
 /// (city, country, street names, phone prefix)
 const PLACES: &[(&str, &str, &[&str], &str)] = &[
-    ("München", "Germany", &["Marienplatz", "Leopoldstraße"], "+49 89"),
-    ("São Paulo", "Brazil", &["Avenida Paulista", "Rua Augusta"], "+55 11"),
-    ("Zürich", "Switzerland", &["Bahnhofstrasse", "Limmatquai"], "+41 44"),
+    (
+        "München",
+        "Germany",
+        &["Marienplatz", "Leopoldstraße"],
+        "+49 89",
+    ),
+    (
+        "São Paulo",
+        "Brazil",
+        &["Avenida Paulista", "Rua Augusta"],
+        "+55 11",
+    ),
+    (
+        "Zürich",
+        "Switzerland",
+        &["Bahnhofstrasse", "Limmatquai"],
+        "+41 44",
+    ),
     ("東京", "Japan", &["丸の内1丁目", "銀座4丁目"], "+81 3"),
-    ("San Francisco", "United States", &["Market St", "Mission St"], "+1 415"),
-    ("Boston", "United States", &["Beacon St", "Newbury St"], "+1 617"),
+    (
+        "San Francisco",
+        "United States",
+        &["Market St", "Mission St"],
+        "+1 415",
+    ),
+    (
+        "Boston",
+        "United States",
+        &["Beacon St", "Newbury St"],
+        "+1 617",
+    ),
     ("Kraków", "Poland", &["Floriańska", "Grodzka"], "+48 12"),
-    ("Reykjavík", "Iceland", &["Laugavegur", "Skólavörðustígur"], "+354"),
-    ("Montréal", "Canada", &["Rue Sainte-Catherine", "Boulevard Saint-Laurent"], "+1 514"),
+    (
+        "Reykjavík",
+        "Iceland",
+        &["Laugavegur", "Skólavörðustígur"],
+        "+354",
+    ),
+    (
+        "Montréal",
+        "Canada",
+        &["Rue Sainte-Catherine", "Boulevard Saint-Laurent"],
+        "+1 514",
+    ),
     ("København", "Denmark", &["Strøget", "Nyhavn"], "+45"),
-    ("İstanbul", "Turkey", &["İstiklal Caddesi", "Bağdat Caddesi"], "+90 212"),
-    ("Paris", "France", &["Rue de Rivoli", "Boulevard Haussmann"], "+33 1"),
+    (
+        "İstanbul",
+        "Turkey",
+        &["İstiklal Caddesi", "Bağdat Caddesi"],
+        "+90 212",
+    ),
+    (
+        "Paris",
+        "France",
+        &["Rue de Rivoli", "Boulevard Haussmann"],
+        "+33 1",
+    ),
 ];
-const SECOND_LINES: &[&str] = &["Suite 400", "Floor 3", "2. OG", "Building B, Unit 7", "c/o Reception"];
+const SECOND_LINES: &[&str] = &[
+    "Suite 400",
+    "Floor 3",
+    "2. OG",
+    "Building B, Unit 7",
+    "c/o Reception",
+];
 
 const SENTENCES: &[&str] = &[
     "Long-standing customer, renewed in Q3.",
@@ -166,7 +272,10 @@ const SENTENCES: &[&str] = &[
 ];
 
 fn pick<'a>(rng: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
-    items.get(rng.usize(..items.len().max(1))).copied().unwrap_or("")
+    items
+        .get(rng.usize(..items.len().max(1)))
+        .copied()
+        .unwrap_or("")
 }
 
 fn company_name(rng: &mut fastrand::Rng) -> String {
@@ -213,8 +322,9 @@ fn description(rng: &mut fastrand::Rng, index: u64) -> Option<String> {
 }
 
 fn revenue(rng: &mut fastrand::Rng) -> Value {
+    // In cents: $10,000 to $5 billion.
     Value::Decimal {
-        units: rng.i64(10_000_00..5_000_000_000_00),
+        units: rng.i64(1_000_000..500_000_000_000),
         scale: 2,
     }
 }
@@ -234,7 +344,7 @@ fn generate_account(seed: u64, index: u64, start: DateTime<Utc>) -> Vec<Option<V
     };
     // Every seventh row has a postal code below 10000, so leading zeros are
     // certain to appear.
-    let postal = if index % 7 == 0 {
+    let postal = if index.is_multiple_of(7) {
         format!("{:05}", rng.u32(501..10_000))
     } else {
         format!("{:05}", rng.u32(..100_000))
@@ -306,7 +416,11 @@ fn mutate_account(row: &mut [Option<Value>], rng: &mut fastrand::Rng) {
     if let Some(slot) = row.get_mut(DESCRIPTION) {
         let variant = rng.u64(..1_000_000);
         let mut text = description(rng, variant).unwrap_or_default();
-        text.push_str(if text.is_empty() { "Updated." } else { " Updated." });
+        text.push_str(if text.is_empty() {
+            "Updated."
+        } else {
+            " Updated."
+        });
         *slot = Some(Value::text(text));
     }
 }
@@ -361,7 +475,9 @@ mod tests {
         let mut ids = std::collections::HashSet::new();
         for row in rows(42, 1000) {
             assert_eq!(row.len(), schema.fields.len());
-            let Some(Value::Text(id)) = &row[0] else { panic!("Id missing") };
+            let Some(Value::Text(id)) = &row[0] else {
+                panic!("Id missing")
+            };
             assert_eq!(id.len(), 18);
             assert!(ids.insert(id.clone()), "duplicate id {id}");
             let t = |i: usize| match &row[i] {
@@ -394,8 +510,13 @@ mod tests {
         assert!(any(&|s| s.chars().any(|c| c as u32 > 0xFFFF)), "no emoji");
         assert!(any(&|s| s == "NA"));
         assert!(any(&|s| s == "null"));
-        assert!(any(&|s| s.len() == 5 && s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit())));
-        let descriptions = rows(42, 100).into_iter().filter(|r| r[13].is_none()).count();
+        assert!(any(&|s| s.len() == 5
+            && s.starts_with('0')
+            && s.bytes().all(|b| b.is_ascii_digit())));
+        let descriptions = rows(42, 100)
+            .into_iter()
+            .filter(|r| r[13].is_none())
+            .count();
         assert!(descriptions > 0, "no null descriptions");
     }
 

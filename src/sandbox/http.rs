@@ -64,7 +64,8 @@ pub(crate) fn router(sandbox: Sandbox, base_url: String) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), envelope))
-        .with_state(app)
+        .with_state(app.clone())
+        .merge(super::admin::routes(app.sandbox))
 }
 
 // ------------------------------------------------------------ responses ---
@@ -189,7 +190,10 @@ async fn envelope(State(app): State<App>, request: Request, next: Next) -> Respo
             "Session expired or invalid",
         )
         .into_response(),
-        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
     };
 
     let headers = response.headers_mut();
@@ -374,9 +378,7 @@ async fn create_job(
     let line_ending = match request.line_ending.as_deref() {
         None => LineEnding::Lf,
         Some(name) => LineEnding::parse(name).ok_or_else(|| {
-            api_error(format!(
-                "Invalid lineEnding '{name}'; expected LF or CRLF"
-            ))
+            api_error(format!("Invalid lineEnding '{name}'; expected LF or CRLF"))
         })?,
     };
     let info = app
@@ -475,7 +477,9 @@ async fn job_results(
                 .ok()
                 .filter(|&n| n > 0)
                 .ok_or_else(|| {
-                    api_error(format!("maxRecords must be a positive integer, got '{text}'"))
+                    api_error(format!(
+                        "maxRecords must be a positive integer, got '{text}'"
+                    ))
                 })?,
         ),
     };
@@ -490,7 +494,10 @@ async fn job_results(
         .await?;
     let mut response = (StatusCode::OK, page.body).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CSV_CONTENT_TYPE));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(CSV_CONTENT_TYPE),
+    );
     for (name, value) in [
         ("sforce-locator", page.locator),
         ("sforce-numberofrecords", page.records.to_string()),
@@ -518,10 +525,7 @@ struct Limits {
     daily_bulk_v2_query_file_storage_mb: Limit,
 }
 
-async fn limits(
-    State(app): State<App>,
-    Path(version): Path<String>,
-) -> Result<Response, ApiError> {
+async fn limits(State(app): State<App>, Path(version): Path<String>) -> Result<Response, ApiError> {
     parse_version(&version)?;
     let (requests, jobs) = {
         let state = app.sandbox.lock();

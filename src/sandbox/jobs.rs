@@ -97,7 +97,10 @@ impl JobState {
     }
 
     fn is_terminal(self) -> bool {
-        matches!(self, JobState::JobComplete | JobState::Failed | JobState::Aborted)
+        matches!(
+            self,
+            JobState::JobComplete | JobState::Failed | JobState::Aborted
+        )
     }
 }
 
@@ -200,7 +203,11 @@ impl QueryJob {
                 }
             }),
             is_pk_chunking_supported: full.then_some(true),
-            error_message: if full { self.error_message.clone() } else { None },
+            error_message: if full {
+                self.error_message.clone()
+            } else {
+                None
+            },
         }
     }
 }
@@ -257,7 +264,9 @@ impl Sandbox {
         // The scan can take a while on large tables; it works on a snapshot,
         // so it runs without the lock and off the async workers.
         let results = tokio::task::spawn_blocking(move || {
-            query.execute(&rows, |row| include_deleted || !is_deleted(deleted_col, row))
+            query.execute(&rows, |row| {
+                include_deleted || !is_deleted(deleted_col, row)
+            })
         })
         .await
         .map_err(|_| ApiError::internal("query evaluation stopped"))?;
@@ -409,7 +418,8 @@ impl Sandbox {
             "null".to_owned()
         };
         let render = move || {
-            let mut body = String::new();
+            // Rough size guess; avoids most regrowth on big pages.
+            let mut body = String::with_capacity(64 + records * columns.len() * 24);
             csv_out::write_header(&mut body, header.iter().map(String::as_str), style);
             for row in results.get(offset..end).unwrap_or_default() {
                 let values = columns.iter().map(|&c| row.get(c).and_then(Option::as_ref));

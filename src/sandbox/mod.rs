@@ -8,6 +8,7 @@
 //! `Date` header all come from it, so tests can script "time passes, records
 //! change, the next incremental run picks them up" without sleeping.
 
+mod admin;
 mod csv_out;
 mod data;
 mod describe;
@@ -79,10 +80,11 @@ impl SandboxConfig {
             .split_once('=')
             .ok_or_else(|| invalid("expected OBJECT=COUNT, e.g. Account=1000"))?;
         let object = object.trim();
-        let spec_for = generate::find_object(object).ok_or_else(|| SandboxError::UnknownObject {
-            name: object.to_owned(),
-            known: generate::known_object_names(),
-        })?;
+        let spec_for =
+            generate::find_object(object).ok_or_else(|| SandboxError::UnknownObject {
+                name: object.to_owned(),
+                known: generate::known_object_names(),
+            })?;
         let count = count
             .trim()
             .parse::<usize>()
@@ -104,6 +106,9 @@ pub enum SandboxError {
     #[error("invalid sandbox configuration: {0}")]
     InvalidConfig(String),
 }
+
+/// One record as (field name, CSV text or `None` for null), in schema order.
+pub type Record = Vec<(String, Option<String>)>;
 
 /// One request as the sandbox received it, for tests to inspect.
 #[derive(Debug, Clone)]
@@ -174,10 +179,11 @@ impl Table {
     fn resolve_ids(&self, ids: &[String]) -> Result<Vec<usize>, SandboxError> {
         ids.iter()
             .map(|id| {
-                self.position(id).ok_or_else(|| SandboxError::UnknownRecord {
-                    object: self.schema.name.to_owned(),
-                    id: id.clone(),
-                })
+                self.position(id)
+                    .ok_or_else(|| SandboxError::UnknownRecord {
+                        object: self.schema.name.to_owned(),
+                        id: id.clone(),
+                    })
             })
             .collect()
     }
@@ -187,7 +193,7 @@ fn is_deleted(deleted_col: Option<usize>, row: &[Option<Value>]) -> bool {
     deleted_col.and_then(|i| row.get(i)) == Some(&Some(Value::Bool(true)))
 }
 
-pub(crate) struct State {
+struct State {
     config: SandboxConfig,
     clock: DateTime<Utc>,
     tables: Vec<Table>,
@@ -421,7 +427,9 @@ impl Sandbox {
         };
         let mut changed = Vec::new();
         for p in positions {
-            let Some(old) = table.rows.get(p) else { continue };
+            let Some(old) = table.rows.get(p) else {
+                continue;
+            };
             if table.is_deleted(old) {
                 continue;
             }
@@ -445,10 +453,7 @@ impl Sandbox {
 
     /// Current rows, deleted ones included, as (field, CSV text or None for
     /// null) pairs in schema order.
-    pub fn records(
-        &self,
-        object: &str,
-    ) -> Result<Vec<Vec<(String, Option<String>)>>, SandboxError> {
+    pub fn records(&self, object: &str) -> Result<Vec<Record>, SandboxError> {
         let state = self.lock();
         let table = state.table_ref(object)?;
         Ok(table
@@ -469,7 +474,12 @@ impl Sandbox {
     pub fn field_names(&self, object: &str) -> Result<Vec<String>, SandboxError> {
         let state = self.lock();
         let table = state.table_ref(object)?;
-        Ok(table.schema.fields.iter().map(|f| f.name.to_owned()).collect())
+        Ok(table
+            .schema
+            .fields
+            .iter()
+            .map(|f| f.name.to_owned())
+            .collect())
     }
 
     /// Every request received so far, oldest first.
@@ -498,7 +508,9 @@ fn update_positions(
     let mutate = table.spec.mutate;
     let mut changed = Vec::with_capacity(positions.len());
     for &p in positions {
-        let Some(old) = table.rows.get(p) else { continue };
+        let Some(old) = table.rows.get(p) else {
+            continue;
+        };
         let mut row = old.to_vec();
         mutate(&mut row, &mut generate::mutation_rng(seed, epoch, p as u64));
         table.stamp(&mut row, now, false);
@@ -581,7 +593,9 @@ mod tests {
     }
 
     fn field<'a>(row: &'a [(String, Option<String>)], name: &str) -> Option<&'a str> {
-        row.iter().find(|(f, _)| f == name).and_then(|(_, v)| v.as_deref())
+        row.iter()
+            .find(|(f, _)| f == name)
+            .and_then(|(_, v)| v.as_deref())
     }
 
     #[test]
@@ -598,12 +612,17 @@ mod tests {
 
     #[test]
     fn same_config_same_records() {
-        assert_eq!(sandbox(300).records("Account").unwrap(), sandbox(300).records("Account").unwrap());
-        assert!(Sandbox::new(SandboxConfig {
-            objects: vec![("Nope".into(), 1)],
-            ..SandboxConfig::default()
-        })
-        .is_err());
+        assert_eq!(
+            sandbox(300).records("Account").unwrap(),
+            sandbox(300).records("Account").unwrap()
+        );
+        assert!(
+            Sandbox::new(SandboxConfig {
+                objects: vec![("Nope".into(), 1)],
+                ..SandboxConfig::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]

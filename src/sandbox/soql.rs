@@ -207,14 +207,13 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
                         i += 1;
                     }
                     let text = src.get(offset(start)..offset(i)).unwrap_or_default();
-                    date_literal(text)
-                        .ok_or_else(|| {
-                            SoqlError::malformed(
-                                src,
-                                offset(start),
-                                format!("invalid date or dateTime literal: {text}"),
-                            )
-                        })?
+                    date_literal(text).ok_or_else(|| {
+                        SoqlError::malformed(
+                            src,
+                            offset(start),
+                            format!("invalid date or dateTime literal: {text}"),
+                        )
+                    })?
                 } else {
                     i += 1;
                     while at(i).is_some_and(|d| d.is_ascii_digit() || d == '.') {
@@ -231,7 +230,11 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
                 while at(i).is_some_and(|d| d.is_alphanumeric() || d == '_' || d == '.') {
                     i += 1;
                 }
-                Tok::Ident(src.get(offset(start)..offset(i)).unwrap_or_default().to_owned())
+                Tok::Ident(
+                    src.get(offset(start)..offset(i))
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
             }
             other => {
                 return Err(SoqlError::malformed(
@@ -258,7 +261,9 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
 /// `YYYY-MM-DD`, or a dateTime `YYYY-MM-DDThh:mm:ss[.fff](Z|±hh:mm)`.
 fn date_literal(text: &str) -> Option<Tok> {
     if text.len() == 10 {
-        return NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().map(Tok::Date);
+        return NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .ok()
+            .map(Tok::Date);
     }
     if !text.contains(['T', 't']) {
         return None;
@@ -291,9 +296,20 @@ enum Expr {
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
     Not(Box<Expr>),
-    Cmp { field: Name, op: CmpOp, lit: Lit },
-    In { field: Name, negated: bool, list: Vec<Lit> },
-    Like { field: Name, pattern: String },
+    Cmp {
+        field: Name,
+        op: CmpOp,
+        lit: Lit,
+    },
+    In {
+        field: Name,
+        negated: bool,
+        list: Vec<Lit>,
+    },
+    Like {
+        field: Name,
+        pattern: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -588,9 +604,20 @@ enum Cond {
     And(Box<Cond>, Box<Cond>),
     Or(Box<Cond>, Box<Cond>),
     Not(Box<Cond>),
-    Cmp { col: usize, op: CmpOp, lit: Bound },
-    In { col: usize, negated: bool, list: Vec<Bound> },
-    Like { col: usize, pattern: Vec<LikePart> },
+    Cmp {
+        col: usize,
+        op: CmpOp,
+        lit: Bound,
+    },
+    In {
+        col: usize,
+        negated: bool,
+        list: Vec<Bound>,
+    },
+    Like {
+        col: usize,
+        pattern: Vec<LikePart>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -692,7 +719,10 @@ impl Binder<'_> {
     }
 
     fn kind(&self, col: usize) -> Kind {
-        self.schema.fields.get(col).map_or(Kind::Text, |f| f.ftype.kind())
+        self.schema
+            .fields
+            .get(col)
+            .map_or(Kind::Text, |f| f.ftype.kind())
     }
 
     fn literal(&self, col: usize, lit: &Lit) -> Result<Bound, SoqlError> {
@@ -795,14 +825,21 @@ fn like_pattern(pattern: &str) -> Vec<LikePart> {
 // ------------------------------------------------------------ evaluator ---
 
 fn cmp_text_ci(value: &str, lowered: &str) -> Ordering {
-    value.chars().flat_map(char::to_lowercase).cmp(lowered.chars())
+    value
+        .chars()
+        .flat_map(char::to_lowercase)
+        .cmp(lowered.chars())
 }
 
 /// Ids compare exactly; a 15-character literal matches the 18-character
 /// form of the same id, as Salesforce allows.
 fn cmp_id(value: &str, literal: &str) -> Ordering {
     if literal.len() == 15 && value.len() == 18 {
-        value.as_bytes().get(..15).unwrap_or_default().cmp(literal.as_bytes())
+        value
+            .as_bytes()
+            .get(..15)
+            .unwrap_or_default()
+            .cmp(literal.as_bytes())
     } else {
         value.cmp(literal)
     }
@@ -860,7 +897,11 @@ fn like_matches(text: &str, pattern: &[LikePart]) -> bool {
             },
         }
     }
-    pattern.get(p..).unwrap_or_default().iter().all(|part| *part == LikePart::Any)
+    pattern
+        .get(p..)
+        .unwrap_or_default()
+        .iter()
+        .all(|part| *part == LikePart::Any)
 }
 
 impl Cond {
@@ -871,11 +912,7 @@ impl Cond {
             Cond::Or(a, b) => a.eval(row) || b.eval(row),
             Cond::Not(a) => !a.eval(row),
             Cond::Cmp { col, op, lit } => eval_cmp(field(col), *op, lit),
-            Cond::In {
-                col,
-                negated,
-                list,
-            } => {
+            Cond::In { col, negated, list } => {
                 let found = list.iter().any(|lit| eval_cmp(field(col), CmpOp::Eq, lit));
                 found != *negated
             }
@@ -889,12 +926,11 @@ impl Cond {
 
 fn order_values(kind: Kind, a: &Value, b: &Value) -> Ordering {
     match (a, b) {
-        (Value::Text(x), Value::Text(y)) if kind == Kind::Text => {
-            x.chars()
-                .flat_map(char::to_lowercase)
-                .cmp(y.chars().flat_map(char::to_lowercase))
-                .then_with(|| x.cmp(y))
-        }
+        (Value::Text(x), Value::Text(y)) if kind == Kind::Text => x
+            .chars()
+            .flat_map(char::to_lowercase)
+            .cmp(y.chars().flat_map(char::to_lowercase))
+            .then_with(|| x.cmp(y)),
         (Value::Text(x), Value::Text(y)) => x.cmp(y),
         (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
         (Value::Date(x), Value::Date(y)) => x.cmp(y),
@@ -914,7 +950,10 @@ impl BoundQuery {
     /// Runs the query over `rows`; `visible` decides which rows the operation
     /// may see at all (query hides soft-deleted rows, queryAll doesn't).
     pub(crate) fn execute(&self, rows: &[Row], visible: impl Fn(&Row) -> bool) -> Vec<Row> {
-        let hits = rows.iter().filter(|r| visible(r) && self.matches(r)).cloned();
+        let hits = rows
+            .iter()
+            .filter(|r| visible(r) && self.matches(r))
+            .cloned();
         if self.order.is_empty() {
             return match self.limit {
                 Some(n) => hits.take(n).collect(),
@@ -999,11 +1038,35 @@ mod tests {
             ])
         };
         vec![
-            row("001000000000001AAA", Some("Acme"), Some(100_00), at(0, 0), false),
-            row("001000000000002AAA", Some("acme corp"), None, at(1, 0), false),
-            row("001000000000003AAA", Some("Globex"), Some(5_000_00), at(2, 0), true),
-            row("001000000000004AAA", None, Some(250_00), at(3, 0), false),
-            row("001000000000005AAA", Some("O'Brien 100%"), Some(1), at(4, 30), false),
+            row(
+                "001000000000001AAA",
+                Some("Acme"),
+                Some(10_000),
+                at(0, 0),
+                false,
+            ),
+            row(
+                "001000000000002AAA",
+                Some("acme corp"),
+                None,
+                at(1, 0),
+                false,
+            ),
+            row(
+                "001000000000003AAA",
+                Some("Globex"),
+                Some(500_000),
+                at(2, 0),
+                true,
+            ),
+            row("001000000000004AAA", None, Some(25_000), at(3, 0), false),
+            row(
+                "001000000000005AAA",
+                Some("O'Brien 100%"),
+                Some(1),
+                at(4, 30),
+                false,
+            ),
         ]
     }
 
@@ -1032,12 +1095,32 @@ mod tests {
 
     #[test]
     fn where_clause_operators_and_null_semantics() {
-        assert_eq!(run("SELECT Id FROM Account WHERE Name = 'ACME'").unwrap(), ["001"]);
-        assert_eq!(run("SELECT Id FROM Account WHERE Name LIKE 'acme%'").unwrap(), ["001", "002"]);
-        assert_eq!(run("SELECT Id FROM Account WHERE Name LIKE '%\\%'").unwrap(), ["005"]);
-        assert_eq!(run("SELECT Id FROM Account WHERE Name = 'O\\'Brien 100%'").unwrap(), ["005"]);
-        assert_eq!(run("SELECT Id FROM Account WHERE Name = null").unwrap(), ["004"]);
-        assert_eq!(run("SELECT Id FROM Account WHERE AnnualRevenue != null").unwrap().len(), 4);
+        assert_eq!(
+            run("SELECT Id FROM Account WHERE Name = 'ACME'").unwrap(),
+            ["001"]
+        );
+        assert_eq!(
+            run("SELECT Id FROM Account WHERE Name LIKE 'acme%'").unwrap(),
+            ["001", "002"]
+        );
+        assert_eq!(
+            run("SELECT Id FROM Account WHERE Name LIKE '%\\%'").unwrap(),
+            ["005"]
+        );
+        assert_eq!(
+            run("SELECT Id FROM Account WHERE Name = 'O\\'Brien 100%'").unwrap(),
+            ["005"]
+        );
+        assert_eq!(
+            run("SELECT Id FROM Account WHERE Name = null").unwrap(),
+            ["004"]
+        );
+        assert_eq!(
+            run("SELECT Id FROM Account WHERE AnnualRevenue != null")
+                .unwrap()
+                .len(),
+            4
+        );
         assert_eq!(
             run("SELECT Id FROM Account WHERE AnnualRevenue > 99.5").unwrap(),
             ["001", "003", "004"]
@@ -1047,8 +1130,10 @@ mod tests {
             ["002", "003", "004", "005"]
         );
         assert_eq!(
-            run("SELECT Id FROM Account WHERE Name IN ('globex', 'Acme') OR (IsDeleted = false \
-                 AND NOT AnnualRevenue < 200)")
+            run(
+                "SELECT Id FROM Account WHERE Name IN ('globex', 'Acme') OR (IsDeleted = false \
+                 AND NOT AnnualRevenue < 200)"
+            )
             .unwrap(),
             // 002's null revenue fails `< 200`, so NOT makes it match.
             ["001", "002", "003", "004"]
@@ -1059,7 +1144,9 @@ mod tests {
             ["003", "004", "005"]
         );
         assert_eq!(
-            run("SELECT Id FROM Account WHERE CustomerSince__c = 2024-01-01").unwrap().len(),
+            run("SELECT Id FROM Account WHERE CustomerSince__c = 2024-01-01")
+                .unwrap()
+                .len(),
             5
         );
     }
@@ -1074,7 +1161,10 @@ mod tests {
             run("SELECT Id FROM Account ORDER BY Name ASC NULLS LAST").unwrap(),
             ["001", "002", "003", "005", "004"]
         );
-        assert_eq!(run("SELECT Id FROM Account LIMIT 2").unwrap(), ["001", "002"]);
+        assert_eq!(
+            run("SELECT Id FROM Account LIMIT 2").unwrap(),
+            ["001", "002"]
+        );
     }
 
     #[test]
@@ -1090,7 +1180,10 @@ mod tests {
     fn unknown_names_are_rejected_like_salesforce() {
         let err = run("SELECT Id, BadField FROM Account").unwrap_err();
         assert_eq!(err.code, "INVALID_FIELD");
-        assert!(err.message.starts_with("No such column 'BadField' on entity 'Account'."));
+        assert!(
+            err.message
+                .starts_with("No such column 'BadField' on entity 'Account'.")
+        );
         let err = run("SELECT Id FROM Foo").unwrap_err();
         assert_eq!(err.code, "INVALID_TYPE");
         assert_eq!(err.message, "sObject type 'Foo' is not supported.");
@@ -1125,7 +1218,10 @@ mod tests {
             assert_eq!(err.code, "MALFORMED_QUERY", "{q}: {err:?}");
         }
         let err = run("SELECT Id FROM Account WHERE").unwrap_err();
-        assert_eq!(err.message, "unexpected token: '<EOF>' (ERROR at Row:1:Column:29)");
+        assert_eq!(
+            err.message,
+            "unexpected token: '<EOF>' (ERROR at Row:1:Column:29)"
+        );
     }
 
     #[test]

@@ -183,19 +183,19 @@ impl Mapping {
             Ok(col.str()?)
         };
         let ids = self.id_field.as_deref().map(text_column).transpose()?;
-        let record_id = |row: usize| ids.and_then(|ids| ids.get(row)).map(str::to_string);
+        let record_id = |row: usize| ids.and_then(|ids| ids.get(row)).filter(|id| !id.is_empty()).map(str::to_string);
 
         let mut keep = vec![true; height];
-        let mut rejects = Vec::new();
+        let mut rejects: Vec<(usize, Reject)> = Vec::new();
         let mut reject = |row: usize, keep: &mut Vec<bool>, column: &str, value: Option<&str>, reason: String| {
             if keep[row] {
                 keep[row] = false;
-                rejects.push(Reject {
+                rejects.push((row, Reject {
                     record_id: record_id(row),
                     column: column.to_string(),
                     value: value.map(str::to_string),
                     reason,
-                });
+                }));
             }
         };
 
@@ -243,6 +243,9 @@ impl Mapping {
             columns.push(builder.finish(CURSOR_COLUMN));
         }
 
+        // Columns are checked one after another; report rejects in row order.
+        rejects.sort_by_key(|(row, _)| *row);
+        let rejects: Vec<Reject> = rejects.into_iter().map(|(_, r)| r).collect();
         let frame = DataFrame::new(height, columns)?;
         let frame = if rejects.is_empty() {
             frame
@@ -418,6 +421,7 @@ type = "timestamp"
         assert_eq!(out.rejects[0].value.as_deref(), Some("12.5"));
         assert!(out.rejects[0].reason.contains("integer"), "{}", out.rejects[0].reason);
         assert_eq!(out.rejects[1].column, "sf_id");
+        assert_eq!(out.rejects[1].record_id, None, "an empty Id is no id");
         assert!(out.rejects[1].reason.contains("required"));
 
         let names: Vec<Option<&str>> = out.frame.column("name").unwrap().str().unwrap().iter().collect();
