@@ -70,7 +70,13 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     }
     let sandbox = Sandbox::new(sandbox_config.clone())?;
     let running = sandbox.start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    writeln!(out, "sandbox: listening on {} with {} generated {}", running.base_url(), DEMO_RECORDS, objects.iter().cloned().collect::<Vec<_>>().join(", "))?;
+    writeln!(
+        out,
+        "sandbox: listening on {} with {} generated {}",
+        running.base_url(),
+        DEMO_RECORDS,
+        objects.iter().cloned().collect::<Vec<_>>().join(", ")
+    )?;
 
     // Point every Salesforce source at the in-process sandbox.
     let mut project = project.clone();
@@ -91,7 +97,10 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
             let path = project.resolve(c.path.as_str());
             if path.exists() {
                 let conn = rusqlite::Connection::open(&path)?;
-                conn.execute(&format!("DROP TABLE IF EXISTS {}", crate::load::quote_ident(job.spec.target.table.get_ref())), [])?;
+                conn.execute(
+                    &format!("DROP TABLE IF EXISTS {}", crate::load::quote_ident(job.spec.target.table.get_ref())),
+                    [],
+                )?;
             }
         }
     }
@@ -99,7 +108,8 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     // The generated data was last touched just before the sandbox's start;
     // let an hour pass so all of it has settled.
     sandbox.advance_clock(Duration::from_secs(3600));
-    let first_id = state.history(&HistoryFilter { limit: Some(1), ..Default::default() })?.first().map_or(0, |r| r.id) + 1;
+    let first_id =
+        state.history(&HistoryFilter { limit: Some(1), ..Default::default() })?.first().map_or(0, |r| r.id) + 1;
 
     writeln!(out, "\nfirst run: full extract of every job")?;
     let first = run_all(&project, state, out).await?;

@@ -129,7 +129,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate => {
             let project = Project::load(&cli.config)?;
-            println!("{}: ok ({} job(s): {})", cli.config.display(), project.jobs.len(), project.jobs.keys().cloned().collect::<Vec<_>>().join(", "));
+            println!(
+                "{}: ok ({} job(s): {})",
+                cli.config.display(),
+                project.jobs.len(),
+                project.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { jobs, all } => {
@@ -201,7 +206,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 config.objects.push(SandboxConfig::parse_generate(spec)?);
             }
             let sandbox = Sandbox::new(config.clone())?;
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             let addr = listener.local_addr()?;
             println!("sandbox: listening on http://{addr} (client_id `{}`); Ctrl-C stops it", config.client_id);
             println!(

@@ -26,8 +26,20 @@ fn duration(ms: Option<i64>) -> String {
 pub fn history_table(runs: &[RunRecord]) -> String {
     let mut table = Table::new();
     table.load_style(UTF8_FULL_CONDENSED).set_header(vec![
-        "run", "job", "status", "trigger", "started (UTC)", "took", "window start", "window end", "extracted",
-        "inserted", "updated", "unchanged", "rejected", "error",
+        "run",
+        "job",
+        "status",
+        "trigger",
+        "started (UTC)",
+        "took",
+        "window start",
+        "window end",
+        "extracted",
+        "inserted",
+        "updated",
+        "unchanged",
+        "rejected",
+        "error",
     ]);
     for r in runs {
         let error = r.error.as_deref().map(|e| e.chars().take(120).collect::<String>()).unwrap_or_default();
@@ -61,7 +73,15 @@ pub fn run_details(r: &RunRecord, rejects: Option<&[RejectRecord]>) -> String {
     line(&mut out, "trigger", r.trigger.clone());
     line(&mut out, "started", r.started_at.clone());
     line(&mut out, "finished", r.finished_at.clone().unwrap_or_default());
-    line(&mut out, "window", format!("{} .. {}", r.window_start.as_deref().unwrap_or("(beginning)"), r.window_end.as_deref().unwrap_or("(full refresh)")));
+    line(
+        &mut out,
+        "window",
+        format!(
+            "{} .. {}",
+            r.window_start.as_deref().unwrap_or("(beginning)"),
+            r.window_end.as_deref().unwrap_or("(full refresh)")
+        ),
+    );
     line(&mut out, "watermark before", r.watermark_before.clone().unwrap_or_else(|| "(none)".into()));
     line(&mut out, "watermark after", r.watermark_after.clone().unwrap_or_else(|| "(unchanged)".into()));
     let c = &r.counts;

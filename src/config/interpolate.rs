@@ -35,10 +35,7 @@ impl fmt::Display for InterpolationError {
 }
 
 /// Replaces `${NAME}` and `${NAME:-default}` using `lookup`; `$${` is a literal `${`.
-pub fn interpolate_with(
-    raw: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, InterpolationError> {
+pub fn interpolate_with(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, InterpolationError> {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(pos) = rest.find('$') {
@@ -160,10 +157,7 @@ mod tests {
         assert_eq!(err, InterpolationError::Missing("SF_SECRET".into()));
         assert!(err.to_string().contains("`SF_SECRET` is not set"));
         assert_eq!(interpolate_with("${OPEN", env).unwrap_err(), InterpolationError::Unterminated);
-        assert_eq!(
-            interpolate_with("${1BAD}", env).unwrap_err(),
-            InterpolationError::BadName("1BAD".into())
-        );
+        assert_eq!(interpolate_with("${1BAD}", env).unwrap_err(), InterpolationError::BadName("1BAD".into()));
     }
 
     #[test]

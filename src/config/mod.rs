@@ -226,7 +226,9 @@ fn check_connections(file: &SourceFile, global: &GlobalConfig, diags: &mut Vec<D
                 ));
             }
             let v = sf.api_version.split_once('.');
-            if !v.is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit())) {
+            if !v.is_some_and(|(a, b)| {
+                !a.is_empty() && !b.is_empty() && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit())
+            }) {
                 diags.push(at(
                     file,
                     conn.span(),
@@ -250,15 +252,16 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
         Some(Connection::Salesforce(sf)) if sf.auth != AuthFlow::ClientCredentials => diags.push(at(
             jf,
             spec.source.connection.span(),
-            format!(
-                "connection `{source_conn}` uses an auth flow this build cannot run yet; use `client_credentials`"
-            ),
+            format!("connection `{source_conn}` uses an auth flow this build cannot run yet; use `client_credentials`"),
         )),
         Some(Connection::Salesforce(_)) => {}
         Some(other) => diags.push(at(
             jf,
             spec.source.connection.span(),
-            format!("connection `{source_conn}` is a {} connection; a source must be `kind = \"salesforce\"`", other.kind()),
+            format!(
+                "connection `{source_conn}` is a {} connection; a source must be `kind = \"salesforce\"`",
+                other.kind()
+            ),
         )),
     }
 
@@ -278,7 +281,11 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
 
     let fields: Vec<&str> = spec.source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
     if fields.is_empty() {
-        diags.push(at(jf, spec.source.fields.span(), "`fields` is empty; list the Salesforce fields to extract".into()));
+        diags.push(at(
+            jf,
+            spec.source.fields.span(),
+            "`fields` is empty; list the Salesforce fields to extract".into(),
+        ));
     }
     let mut seen = HashSet::new();
     for f in spec.source.fields.get_ref() {
@@ -327,7 +334,11 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
             diags.push(at(mf, col.name.span(), format!("column `{name}` is defined twice")));
         }
         if let Some(sql) = &col.sql {
-            diags.push(at(mf, sql.span(), format!("column `{name}`: `sql` is not supported yet by this build; use `from`")));
+            diags.push(at(
+                mf,
+                sql.span(),
+                format!("column `{name}`: `sql` is not supported yet by this build; use `from`"),
+            ));
         }
         match &col.from {
             Some(from) if !fields.contains(&from.get_ref().as_str()) => diags.push(at(
@@ -366,7 +377,10 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
             Some(c) if !c.required => diags.push(at(
                 mf,
                 c.name.span(),
-                format!("column `{k}` is part of the target key of job `{}`, so it must be `required = true`", job.name),
+                format!(
+                    "column `{k}` is part of the target key of job `{}`, so it must be `required = true`",
+                    job.name
+                ),
             )),
             Some(_) => {}
         }
@@ -375,7 +389,10 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
 
 fn unknown_connection(name: &str, global: &GlobalConfig) -> String {
     let known: Vec<&str> = global.connections.keys().map(String::as_str).collect();
-    format!("unknown connection `{name}`; nightjar.toml defines: {}", if known.is_empty() { "none".into() } else { known.join(", ") })
+    format!(
+        "unknown connection `{name}`; nightjar.toml defines: {}",
+        if known.is_empty() { "none".into() } else { known.join(", ") }
+    )
 }
 
 /// Parses a job and a mapping from strings, for unit tests of later stages.

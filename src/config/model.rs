@@ -15,9 +15,7 @@ use super::interpolate::{EnvString, Secret};
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let raw = String::deserialize(d)?;
     humantime::parse_duration(raw.trim()).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "`{raw}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"2h\""
-        ))
+        serde::de::Error::custom(format!("`{raw}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"2h\""))
     })
 }
 

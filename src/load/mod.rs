@@ -72,11 +72,9 @@ pub fn open_target(project: &Project, job: &Job) -> Result<Box<dyn Target>, Load
     let spec = &job.spec.target;
     let name = spec.connection.get_ref();
     match project.connection(name) {
-        Some(Connection::Sqlite(c)) => Ok(Box::new(SqliteTarget::open(
-            &project.resolve(c.path.as_str()),
-            spec.table.get_ref(),
-            spec.create,
-        )?)),
+        Some(Connection::Sqlite(c)) => {
+            Ok(Box::new(SqliteTarget::open(&project.resolve(c.path.as_str()), spec.table.get_ref(), spec.create)?))
+        }
         Some(other) => Err(LoadError::Unsupported {
             target: name.clone(),
             message: format!("{} targets are not supported by this build yet", other.kind()),

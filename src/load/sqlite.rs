@@ -102,7 +102,9 @@ impl Target for SqliteTarget {
             if !self.create {
                 return Err(LoadError::Schema {
                     target: self.name(),
-                    message: "the table does not exist and the job has `create = false`; create it or set `create = true`".into(),
+                    message:
+                        "the table does not exist and the job has `create = false`; create it or set `create = true`"
+                            .into(),
                 });
             }
             let mut defs: Vec<String> = schema
@@ -149,7 +151,10 @@ impl Target for SqliteTarget {
         defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
         let stage = quote_ident(&stage_table);
         self.conn
-            .execute_batch(&format!("DROP TABLE IF EXISTS temp.{stage}; CREATE TEMP TABLE {stage} ({});", defs.join(", ")))
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS temp.{stage}; CREATE TEMP TABLE {stage} ({});",
+                defs.join(", ")
+            ))
             .map_err(self.err())?;
         self.run = Some(RunPlan { run, schema: schema.clone(), stage_table, has_cursor: None });
         Ok(())
@@ -200,7 +205,8 @@ impl Target for SqliteTarget {
             for i in 0..page.height() {
                 row.clear();
                 for col in &columns {
-                    let value = col.get(i).map_err(|e| LoadError::Schema { target: name.clone(), message: e.to_string() })?;
+                    let value =
+                        col.get(i).map_err(|e| LoadError::Schema { target: name.clone(), message: e.to_string() })?;
                     row.push(sql_value(value));
                 }
                 insert.execute(params_from_iter(row.iter())).map_err(wrap)?;

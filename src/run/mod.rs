@@ -80,7 +80,12 @@ struct Progress {
 
 /// Runs one job now. A failure is recorded in history and reported in the
 /// returned report; `Err` means the run could not even be recorded.
-pub async fn run_job(project: &Project, state: &StateStore, job_name: &str, trigger: &str) -> Result<RunReport, RunError> {
+pub async fn run_job(
+    project: &Project,
+    state: &StateStore,
+    job_name: &str,
+    trigger: &str,
+) -> Result<RunReport, RunError> {
     let job = project.job(job_name)?;
     let run = state.open_run(job_name, trigger, Utc::now())?;
     tracing::info!(job = job_name, run, "run started");

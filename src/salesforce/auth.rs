@@ -87,7 +87,8 @@ pub async fn login(
         let http = http.clone();
         async move {
             let (parts, body) = request.into_parts();
-            let response = http.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
+            let response =
+                http.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
             let mut builder = oauth2::http::Response::builder().status(response.status());
             for (name, value) in response.headers() {
                 builder = builder.header(name, value);

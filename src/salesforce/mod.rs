@@ -32,7 +32,9 @@ pub enum SalesforceError {
     Auth { connection: String, error: String, description: String },
     #[error("Salesforce answered HTTP {status} {error_code}: {message}{}; {hint}", job_suffix(.job_id))]
     Api { status: u16, error_code: String, message: String, job_id: Option<String>, hint: String },
-    #[error("Salesforce query job {job_id} failed: {message}; fix the cause (often the job's `where` or fields) and run again")]
+    #[error(
+        "Salesforce query job {job_id} failed: {message}; fix the cause (often the job's `where` or fields) and run again"
+    )]
     JobFailed { job_id: String, message: String },
     #[error("Salesforce query job {job_id} was aborted in the org; run again")]
     JobAborted { job_id: String },
@@ -72,7 +74,9 @@ fn hint_for(status: u16, code: &str, message: &str) -> String {
         (_, "REQUEST_LIMIT_EXCEEDED") => {
             "the org's API request limit is spent; it recovers over a rolling 24 hours — run later".into()
         }
-        (_, "INVALID_FIELD") => "a field in the job's `fields` or `where` does not exist or is not visible to the integration user".into(),
+        (_, "INVALID_FIELD") => {
+            "a field in the job's `fields` or `where` does not exist or is not visible to the integration user".into()
+        }
         (_, "INVALID_TYPE") => "the job's `object` does not exist or is not visible to the integration user".into(),
         (_, "MALFORMED_QUERY") => "the job's `where` is not valid SOQL".into(),
         (403, _) => "the integration user lacks a permission (e.g. API Enabled, object read access)".into(),
@@ -269,7 +273,8 @@ impl SalesforceClient {
             .bytes()
             .await
             .map_err(|e| SalesforceError::Transport { context: context.clone(), message: e.to_string() })?;
-        let frame = parse_csv_page(&body).map_err(|message| SalesforceError::Protocol { context: context.clone(), message })?;
+        let frame =
+            parse_csv_page(&body).map_err(|message| SalesforceError::Protocol { context: context.clone(), message })?;
         if let Some(declared) = declared {
             let declared: usize = declared.trim().parse().map_err(|_| SalesforceError::Protocol {
                 context: context.clone(),
@@ -278,7 +283,10 @@ impl SalesforceClient {
             if declared != frame.height() {
                 return Err(SalesforceError::Protocol {
                     context,
-                    message: format!("Sforce-NumberOfRecords says {declared} rows but the page holds {}", frame.height()),
+                    message: format!(
+                        "Sforce-NumberOfRecords says {declared} rows but the page holds {}",
+                        frame.height()
+                    ),
                 });
             }
         }
@@ -287,12 +295,16 @@ impl SalesforceClient {
     }
 }
 
-async fn json_body<T: serde::de::DeserializeOwned>(response: reqwest::Response, context: &str) -> Result<T, SalesforceError> {
+async fn json_body<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+    context: &str,
+) -> Result<T, SalesforceError> {
     let bytes = response
         .bytes()
         .await
         .map_err(|e| SalesforceError::Transport { context: context.into(), message: e.to_string() })?;
-    serde_json::from_slice(&bytes).map_err(|e| SalesforceError::Protocol { context: context.into(), message: e.to_string() })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| SalesforceError::Protocol { context: context.into(), message: e.to_string() })
 }
 
 /// Turns a non-2xx response into an error carrying Salesforce's code and message.

@@ -21,12 +21,8 @@ pub fn parse_csv_page(body: &[u8]) -> Result<DataFrame, String> {
         return DataFrame::new(0, Vec::new()).map_err(|e| e.to_string());
     }
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(body);
-    let headers: Vec<String> = reader
-        .headers()
-        .map_err(|e| format!("bad CSV header row: {e}"))?
-        .iter()
-        .map(str::to_string)
-        .collect();
+    let headers: Vec<String> =
+        reader.headers().map_err(|e| format!("bad CSV header row: {e}"))?.iter().map(str::to_string).collect();
     let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
     let mut record = csv::StringRecord::new();
     loop {
@@ -58,7 +54,8 @@ mod tests {
 
     #[test]
     fn awkward_values_survive() {
-        let body = "\"Id\",\"Name\",\"Note\"\n\"001\",\"Acme, \"\"Inc\"\"\",\"line1\nline2 \u{fc}\"\n\"002\",\"\",\"NA\"\n";
+        let body =
+            "\"Id\",\"Name\",\"Note\"\n\"001\",\"Acme, \"\"Inc\"\"\",\"line1\nline2 \u{fc}\"\n\"002\",\"\",\"NA\"\n";
         let df = parse_csv_page(body.as_bytes()).unwrap();
         assert_eq!(df.height(), 2);
         let name: Vec<Option<&str>> = df.column("Name").unwrap().str().unwrap().iter().collect();

@@ -110,8 +110,14 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(sandbox.now() - before, chrono::Duration::minutes(5));
 
-        let r: serde_json::Value =
-            http.post(format!("{base}/sandbox/objects/Account/update?count=3")).send().await.unwrap().json().await.unwrap();
+        let r: serde_json::Value = http
+            .post(format!("{base}/sandbox/objects/Account/update?count=3"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let ids: Vec<String> = serde_json::from_value(r["ids"].clone()).unwrap();
         assert_eq!(ids.len(), 3);
 

@@ -93,18 +93,11 @@ pub(crate) struct CsvStyle {
 
 impl Default for CsvStyle {
     fn default() -> Self {
-        CsvStyle {
-            delimiter: ColumnDelimiter::Comma,
-            line_ending: LineEnding::Lf,
-        }
+        CsvStyle { delimiter: ColumnDelimiter::Comma, line_ending: LineEnding::Lf }
     }
 }
 
-pub(crate) fn write_header<'a>(
-    out: &mut String,
-    names: impl IntoIterator<Item = &'a str>,
-    style: CsvStyle,
-) {
+pub(crate) fn write_header<'a>(out: &mut String, names: impl IntoIterator<Item = &'a str>, style: CsvStyle) {
     for (i, name) in names.into_iter().enumerate() {
         if i > 0 {
             out.push(style.delimiter.char());
@@ -114,11 +107,7 @@ pub(crate) fn write_header<'a>(
     out.push_str(style.line_ending.as_str());
 }
 
-pub(crate) fn write_record<'a>(
-    out: &mut String,
-    values: impl IntoIterator<Item = Option<&'a Value>>,
-    style: CsvStyle,
-) {
+pub(crate) fn write_record<'a>(out: &mut String, values: impl IntoIterator<Item = Option<&'a Value>>, style: CsvStyle) {
     for (i, value) in values.into_iter().enumerate() {
         if i > 0 {
             out.push(style.delimiter.char());
@@ -165,11 +154,7 @@ mod tests {
 
     #[test]
     fn quotes_every_field_doubles_quotes_and_keeps_newlines_raw() {
-        let rows = vec![vec![
-            Some(Value::text("001")),
-            Some(Value::text("Say \"hi\", then\nleave")),
-            None,
-        ]];
+        let rows = vec![vec![Some(Value::text("001")), Some(Value::text("Say \"hi\", then\nleave")), None]];
         assert_eq!(
             render(&rows, CsvStyle::default()),
             "\"Id\",\"Name\",\"Note\"\n\"001\",\"Say \"\"hi\"\", then\nleave\",\"\"\n"
@@ -178,58 +163,28 @@ mod tests {
 
     #[test]
     fn crlf_ends_records_but_embedded_newlines_keep_their_bytes() {
-        let style = CsvStyle {
-            delimiter: ColumnDelimiter::Comma,
-            line_ending: LineEnding::Crlf,
-        };
-        let rows = vec![vec![
-            Some(Value::text("a\nb")),
-            Some(Value::text("c\r\nd")),
-            Some(Value::Bool(false)),
-        ]];
-        assert_eq!(
-            render(&rows, style),
-            "\"Id\",\"Name\",\"Note\"\r\n\"a\nb\",\"c\r\nd\",\"false\"\r\n"
-        );
+        let style = CsvStyle { delimiter: ColumnDelimiter::Comma, line_ending: LineEnding::Crlf };
+        let rows = vec![vec![Some(Value::text("a\nb")), Some(Value::text("c\r\nd")), Some(Value::Bool(false))]];
+        assert_eq!(render(&rows, style), "\"Id\",\"Name\",\"Note\"\r\n\"a\nb\",\"c\r\nd\",\"false\"\r\n");
     }
 
     #[test]
     fn tab_delimiter_applies_to_header_and_data() {
-        let style = CsvStyle {
-            delimiter: ColumnDelimiter::Tab,
-            line_ending: LineEnding::Lf,
-        };
-        let rows = vec![vec![
-            Some(Value::text("x\ty")),
-            Some(Value::Int(7)),
-            Some(Value::text("NA")),
-        ]];
-        assert_eq!(
-            render(&rows, style),
-            "\"Id\"\t\"Name\"\t\"Note\"\n\"x\ty\"\t\"7\"\t\"NA\"\n"
-        );
+        let style = CsvStyle { delimiter: ColumnDelimiter::Tab, line_ending: LineEnding::Lf };
+        let rows = vec![vec![Some(Value::text("x\ty")), Some(Value::Int(7)), Some(Value::text("NA"))]];
+        assert_eq!(render(&rows, style), "\"Id\"\t\"Name\"\t\"Note\"\n\"x\ty\"\t\"7\"\t\"NA\"\n");
     }
 
     #[test]
     fn output_parses_back_with_an_rfc4180_reader() {
         let rows = vec![
-            vec![
-                Some(Value::text("1")),
-                Some(Value::text("München, \"Zentrum\"\n2. OG")),
-                None,
-            ],
-            vec![
-                Some(Value::text("2")),
-                Some(Value::text("東京 🚀")),
-                Some(Value::text("null")),
-            ],
+            vec![Some(Value::text("1")), Some(Value::text("München, \"Zentrum\"\n2. OG")), None],
+            vec![Some(Value::text("2")), Some(Value::text("東京 🚀")), Some(Value::text("null"))],
         ];
         let text = render(&rows, CsvStyle::default());
         let mut reader = csv::Reader::from_reader(text.as_bytes());
-        let parsed: Vec<Vec<String>> = reader
-            .records()
-            .map(|r| r.unwrap().iter().map(str::to_owned).collect())
-            .collect();
+        let parsed: Vec<Vec<String>> =
+            reader.records().map(|r| r.unwrap().iter().map(str::to_owned).collect()).collect();
         assert_eq!(parsed[0][1], "München, \"Zentrum\"\n2. OG");
         assert_eq!(parsed[0][2], "");
         assert_eq!(parsed[1][1], "東京 🚀");
@@ -239,10 +194,7 @@ mod tests {
     #[test]
     fn option_names_parse() {
         for name in ["COMMA", "TAB", "PIPE", "SEMICOLON", "CARET", "BACKQUOTE"] {
-            assert_eq!(
-                ColumnDelimiter::parse(name).map(ColumnDelimiter::name),
-                Some(name)
-            );
+            assert_eq!(ColumnDelimiter::parse(name).map(ColumnDelimiter::name), Some(name));
         }
         assert_eq!(ColumnDelimiter::parse("comma"), None);
         assert_eq!(LineEnding::parse("CRLF"), Some(LineEnding::Crlf));

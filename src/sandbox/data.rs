@@ -110,9 +110,7 @@ impl FieldType {
             | FieldType::Phone
             | FieldType::Url => Kind::Text,
             FieldType::Boolean => Kind::Bool,
-            FieldType::Int | FieldType::Double | FieldType::Currency | FieldType::Percent => {
-                Kind::Number
-            }
+            FieldType::Int | FieldType::Double | FieldType::Currency | FieldType::Percent => Kind::Number,
             FieldType::Date => Kind::Date,
             FieldType::DateTime => Kind::DateTime,
         }
@@ -214,13 +212,7 @@ fn render_decimal(units: i64, scale: u8, out: &mut String) {
     if units < 0 {
         out.push('-');
     }
-    let _ = write!(
-        out,
-        "{}.{:0width$}",
-        magnitude / divisor,
-        magnitude % divisor,
-        width = usize::from(scale)
-    );
+    let _ = write!(out, "{}.{:0width$}", magnitude / divisor, magnitude % divisor, width = usize::from(scale));
 }
 
 /// A record: one optional value per schema field, in schema order. Shared
@@ -248,9 +240,7 @@ pub(crate) struct Schema {
 impl Schema {
     /// Field lookup is case-insensitive, as in SOQL.
     pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
-        self.fields
-            .iter()
-            .position(|f| f.name.eq_ignore_ascii_case(name))
+        self.fields.iter().position(|f| f.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -347,22 +337,8 @@ mod tests {
         assert_eq!(Value::DateTime(t).render(), "2024-01-31T12:00:00.000Z");
         assert_eq!(Value::Date(t.date_naive()).render(), "2024-01-31");
         assert_eq!(Value::Bool(true).render(), "true");
-        assert_eq!(
-            Value::Decimal {
-                units: 123450,
-                scale: 2
-            }
-            .render(),
-            "1234.50"
-        );
-        assert_eq!(
-            Value::Decimal {
-                units: -5,
-                scale: 2
-            }
-            .render(),
-            "-0.05"
-        );
+        assert_eq!(Value::Decimal { units: 123450, scale: 2 }.render(), "1234.50");
+        assert_eq!(Value::Decimal { units: -5, scale: 2 }.render(), "-0.05");
         assert_eq!(Value::Double(37.25).render(), "37.25");
         assert_eq!(Value::Int(300).render(), "300");
         assert_eq!(json_timestamp(t), "2024-01-31T12:00:00.000+0000");

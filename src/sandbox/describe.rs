@@ -88,25 +88,15 @@ fn summary(schema: &Schema) -> ObjectSummary {
 }
 
 pub(crate) fn global<'a>(schemas: impl IntoIterator<Item = &'a Schema>) -> GlobalDescribe {
-    GlobalDescribe {
-        encoding: "UTF-8",
-        max_batch_size: 200,
-        sobjects: schemas.into_iter().map(summary).collect(),
-    }
+    GlobalDescribe { encoding: "UTF-8", max_batch_size: 200, sobjects: schemas.into_iter().map(summary).collect() }
 }
 
 pub(crate) fn object(schema: &Schema) -> ObjectDescribe {
-    ObjectDescribe {
-        summary: summary(schema),
-        fields: schema.fields.iter().map(field).collect(),
-    }
+    ObjectDescribe { summary: summary(schema), fields: schema.fields.iter().map(field).collect() }
 }
 
 fn field(f: &Field) -> FieldDescribe {
-    let system = matches!(
-        f.name,
-        "Id" | "CreatedDate" | "LastModifiedDate" | "SystemModstamp" | "IsDeleted"
-    );
+    let system = matches!(f.name, "Id" | "CreatedDate" | "LastModifiedDate" | "SystemModstamp" | "IsDeleted");
     let (precision, scale) = f.ftype.precision_scale();
     // Lookups follow Salesforce's naming: `OwnerId` → relationship `Owner`.
     let (reference_to, relationship_name) = match (f.ftype, f.name) {
@@ -114,10 +104,8 @@ fn field(f: &Field) -> FieldDescribe {
         (FieldType::Reference, name) => (Vec::new(), name.strip_suffix("Id")),
         _ => (Vec::new(), None),
     };
-    let compound_field_name = ["Billing", "Shipping", "Mailing"]
-        .into_iter()
-        .find(|p| f.name.starts_with(p))
-        .map(|p| match p {
+    let compound_field_name =
+        ["Billing", "Shipping", "Mailing"].into_iter().find(|p| f.name.starts_with(p)).map(|p| match p {
             "Billing" => "BillingAddress",
             "Shipping" => "ShippingAddress",
             _ => "MailingAddress",
@@ -149,12 +137,7 @@ fn field(f: &Field) -> FieldDescribe {
         picklist_values: f
             .picklist
             .iter()
-            .map(|&value| PicklistValue {
-                value,
-                label: value,
-                active: true,
-                default_value: false,
-            })
+            .map(|&value| PicklistValue { value, label: value, active: true, default_value: false })
             .collect(),
     }
 }

@@ -21,23 +21,15 @@ pub(crate) struct ObjectSpec {
     pub mutate: fn(row: &mut [Option<Value>], rng: &mut fastrand::Rng),
 }
 
-pub(crate) const OBJECTS: &[ObjectSpec] = &[ObjectSpec {
-    name: "Account",
-    schema: account_schema,
-    generate: generate_account,
-    mutate: mutate_account,
-}];
+pub(crate) const OBJECTS: &[ObjectSpec] =
+    &[ObjectSpec { name: "Account", schema: account_schema, generate: generate_account, mutate: mutate_account }];
 
 pub(crate) fn find_object(name: &str) -> Option<&'static ObjectSpec> {
     OBJECTS.iter().find(|o| o.name.eq_ignore_ascii_case(name))
 }
 
 pub(crate) fn known_object_names() -> String {
-    OBJECTS
-        .iter()
-        .map(|o| o.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    OBJECTS.iter().map(|o| o.name).collect::<Vec<_>>().join(", ")
 }
 
 /// SplitMix64 finaliser: spreads (seed, index) pairs so neighbouring rows get
@@ -56,20 +48,11 @@ fn row_rng(seed: u64, salt: u64, index: u64) -> fastrand::Rng {
 const ACCOUNT_SALT: u64 = 0xACC0_0000_0000_0001;
 
 fn field(name: &'static str, label: &'static str, ftype: FieldType, nillable: bool) -> Field {
-    Field {
-        name,
-        label,
-        ftype,
-        nillable,
-        picklist: &[],
-    }
+    Field { name, label, ftype, nillable, picklist: &[] }
 }
 
 fn picklist(name: &'static str, label: &'static str, values: &'static [&'static str]) -> Field {
-    Field {
-        picklist: values,
-        ..field(name, label, FieldType::Picklist, true)
-    }
+    Field { picklist: values, ..field(name, label, FieldType::Picklist, true) }
 }
 
 fn account_schema() -> Schema {
@@ -89,12 +72,7 @@ fn account_schema() -> Schema {
             field("Website", "Website", T::Url, true),
             field("BillingStreet", "Billing Street", T::TextArea, true),
             field("BillingCity", "Billing City", T::String, true),
-            field(
-                "BillingPostalCode",
-                "Billing Zip/Postal Code",
-                T::String,
-                true,
-            ),
+            field("BillingPostalCode", "Billing Zip/Postal Code", T::String, true),
             field("BillingCountry", "Billing Country", T::String, true),
             field("Description", "Account Description", T::TextArea, true),
             field("IsActive__c", "Active", T::Boolean, false),
@@ -133,21 +111,9 @@ const NAME_HEADS: &[&str] = &[
     "Łukasz",
     "Nordström",
 ];
-const NAME_MIDDLES: &[&str] = &[
-    "",
-    " Industries",
-    " Holdings",
-    " Logistics",
-    " Systems",
-    " Foods",
-    " Energy",
-    " Media",
-    " Labs",
-    " & Söhne",
-];
-const NAME_TAILS: &[&str] = &[
-    " Inc.", " GmbH", " Ltd", " S.A.", " Corp.", " AG", ", LLC", "",
-];
+const NAME_MIDDLES: &[&str] =
+    &["", " Industries", " Holdings", " Logistics", " Systems", " Foods", " Energy", " Media", " Labs", " & Söhne"];
+const NAME_TAILS: &[&str] = &[" Inc.", " GmbH", " Ltd", " S.A.", " Corp.", " AG", ", LLC", ""];
 /// Awkward names that a client must escape correctly in SOQL and CSV.
 const ODD_NAMES: &[&str] = &[
     "O'Brien & Sons",
@@ -158,14 +124,7 @@ const ODD_NAMES: &[&str] = &[
     "Ünïcödé 🚀 Ventures",
 ];
 
-const TYPES: &[&str] = &[
-    "Customer - Direct",
-    "Customer - Channel",
-    "Prospect",
-    "Partner",
-    "Reseller",
-    "Other",
-];
+const TYPES: &[&str] = &["Customer - Direct", "Customer - Channel", "Prospect", "Partner", "Reseller", "Other"];
 const INDUSTRIES: &[&str] = &[
     "Agriculture",
     "Banking",
@@ -192,71 +151,20 @@ const RATINGS: &[&str] = &["Hot", "Warm", "Cold"];
 
 /// (city, country, street names, phone prefix)
 const PLACES: &[(&str, &str, &[&str], &str)] = &[
-    (
-        "München",
-        "Germany",
-        &["Marienplatz", "Leopoldstraße"],
-        "+49 89",
-    ),
-    (
-        "São Paulo",
-        "Brazil",
-        &["Avenida Paulista", "Rua Augusta"],
-        "+55 11",
-    ),
-    (
-        "Zürich",
-        "Switzerland",
-        &["Bahnhofstrasse", "Limmatquai"],
-        "+41 44",
-    ),
+    ("München", "Germany", &["Marienplatz", "Leopoldstraße"], "+49 89"),
+    ("São Paulo", "Brazil", &["Avenida Paulista", "Rua Augusta"], "+55 11"),
+    ("Zürich", "Switzerland", &["Bahnhofstrasse", "Limmatquai"], "+41 44"),
     ("東京", "Japan", &["丸の内1丁目", "銀座4丁目"], "+81 3"),
-    (
-        "San Francisco",
-        "United States",
-        &["Market St", "Mission St"],
-        "+1 415",
-    ),
-    (
-        "Boston",
-        "United States",
-        &["Beacon St", "Newbury St"],
-        "+1 617",
-    ),
+    ("San Francisco", "United States", &["Market St", "Mission St"], "+1 415"),
+    ("Boston", "United States", &["Beacon St", "Newbury St"], "+1 617"),
     ("Kraków", "Poland", &["Floriańska", "Grodzka"], "+48 12"),
-    (
-        "Reykjavík",
-        "Iceland",
-        &["Laugavegur", "Skólavörðustígur"],
-        "+354",
-    ),
-    (
-        "Montréal",
-        "Canada",
-        &["Rue Sainte-Catherine", "Boulevard Saint-Laurent"],
-        "+1 514",
-    ),
+    ("Reykjavík", "Iceland", &["Laugavegur", "Skólavörðustígur"], "+354"),
+    ("Montréal", "Canada", &["Rue Sainte-Catherine", "Boulevard Saint-Laurent"], "+1 514"),
     ("København", "Denmark", &["Strøget", "Nyhavn"], "+45"),
-    (
-        "İstanbul",
-        "Turkey",
-        &["İstiklal Caddesi", "Bağdat Caddesi"],
-        "+90 212",
-    ),
-    (
-        "Paris",
-        "France",
-        &["Rue de Rivoli", "Boulevard Haussmann"],
-        "+33 1",
-    ),
+    ("İstanbul", "Turkey", &["İstiklal Caddesi", "Bağdat Caddesi"], "+90 212"),
+    ("Paris", "France", &["Rue de Rivoli", "Boulevard Haussmann"], "+33 1"),
 ];
-const SECOND_LINES: &[&str] = &[
-    "Suite 400",
-    "Floor 3",
-    "2. OG",
-    "Building B, Unit 7",
-    "c/o Reception",
-];
+const SECOND_LINES: &[&str] = &["Suite 400", "Floor 3", "2. OG", "Building B, Unit 7", "c/o Reception"];
 
 const SENTENCES: &[&str] = &[
     "Long-standing customer, renewed in Q3.",
@@ -272,22 +180,14 @@ const SENTENCES: &[&str] = &[
 ];
 
 fn pick<'a>(rng: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
-    items
-        .get(rng.usize(..items.len().max(1)))
-        .copied()
-        .unwrap_or("")
+    items.get(rng.usize(..items.len().max(1))).copied().unwrap_or("")
 }
 
 fn company_name(rng: &mut fastrand::Rng) -> String {
     if rng.u8(..20) == 0 {
         return pick(rng, ODD_NAMES).to_owned();
     }
-    format!(
-        "{}{}{}",
-        pick(rng, NAME_HEADS),
-        pick(rng, NAME_MIDDLES),
-        pick(rng, NAME_TAILS)
-    )
+    format!("{}{}{}", pick(rng, NAME_HEADS), pick(rng, NAME_MIDDLES), pick(rng, NAME_TAILS))
 }
 
 fn description(rng: &mut fastrand::Rng, index: u64) -> Option<String> {
@@ -323,10 +223,7 @@ fn description(rng: &mut fastrand::Rng, index: u64) -> Option<String> {
 
 fn revenue(rng: &mut fastrand::Rng) -> Value {
     // In cents: $10,000 to $5 billion.
-    Value::Decimal {
-        units: rng.i64(1_000_000..500_000_000_000),
-        scale: 2,
-    }
+    Value::Decimal { units: rng.i64(1_000_000..500_000_000_000), scale: 2 }
 }
 
 fn generate_account(seed: u64, index: u64, start: DateTime<Utc>) -> Vec<Option<Value>> {
@@ -349,11 +246,7 @@ fn generate_account(seed: u64, index: u64, start: DateTime<Utc>) -> Vec<Option<V
     } else {
         format!("{:05}", rng.u32(..100_000))
     };
-    let slug: String = name
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let slug: String = name.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect();
     let website = if rng.u8(..10) == 0 || slug.is_empty() {
         None
     } else {
@@ -376,11 +269,7 @@ fn generate_account(seed: u64, index: u64, start: DateTime<Utc>) -> Vec<Option<V
         (rng.u8(..7) != 0).then(|| revenue(&mut rng)),
         (rng.u8(..20) != 0).then(|| Value::Int(i64::from(rng.u32(1..250_000)))),
         (rng.u8(..4) != 0).then(|| Value::text(pick(&mut rng, RATINGS))),
-        Some(Value::text(format!(
-            "{phone_prefix} {:03} {:04}",
-            rng.u32(100..1000),
-            rng.u32(..10_000)
-        ))),
+        Some(Value::text(format!("{phone_prefix} {:03} {:04}", rng.u32(100..1000), rng.u32(..10_000)))),
         website.map(Value::text),
         Some(Value::text(street)),
         Some(Value::text(city)),
@@ -416,11 +305,7 @@ fn mutate_account(row: &mut [Option<Value>], rng: &mut fastrand::Rng) {
     if let Some(slot) = row.get_mut(DESCRIPTION) {
         let variant = rng.u64(..1_000_000);
         let mut text = description(rng, variant).unwrap_or_default();
-        text.push_str(if text.is_empty() {
-            "Updated."
-        } else {
-            " Updated."
-        });
+        text.push_str(if text.is_empty() { "Updated." } else { " Updated." });
         *slot = Some(Value::text(text));
     }
 }
@@ -475,9 +360,7 @@ mod tests {
         let mut ids = std::collections::HashSet::new();
         for row in rows(42, 1000) {
             assert_eq!(row.len(), schema.fields.len());
-            let Some(Value::Text(id)) = &row[0] else {
-                panic!("Id missing")
-            };
+            let Some(Value::Text(id)) = &row[0] else { panic!("Id missing") };
             assert_eq!(id.len(), 18);
             assert!(ids.insert(id.clone()), "duplicate id {id}");
             let t = |i: usize| match &row[i] {
@@ -495,12 +378,7 @@ mod tests {
 
     #[test]
     fn data_contains_the_awkward_cases() {
-        let all: Vec<String> = rows(42, 100)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|v| v.render())
-            .collect();
+        let all: Vec<String> = rows(42, 100).into_iter().flatten().flatten().map(|v| v.render()).collect();
         let any = |p: &dyn Fn(&str) -> bool| all.iter().any(|s| p(s));
         assert!(any(&|s| s.contains(',')));
         assert!(any(&|s| s.contains('"')));
@@ -510,13 +388,8 @@ mod tests {
         assert!(any(&|s| s.chars().any(|c| c as u32 > 0xFFFF)), "no emoji");
         assert!(any(&|s| s == "NA"));
         assert!(any(&|s| s == "null"));
-        assert!(any(&|s| s.len() == 5
-            && s.starts_with('0')
-            && s.bytes().all(|b| b.is_ascii_digit())));
-        let descriptions = rows(42, 100)
-            .into_iter()
-            .filter(|r| r[13].is_none())
-            .count();
+        assert!(any(&|s| s.len() == 5 && s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit())));
+        let descriptions = rows(42, 100).into_iter().filter(|r| r[13].is_none()).count();
         assert!(descriptions > 0, "no null descriptions");
     }
 

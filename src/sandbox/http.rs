@@ -37,30 +37,15 @@ struct App {
 }
 
 pub(crate) fn router(sandbox: Sandbox, base_url: String) -> Router {
-    let app = App {
-        sandbox,
-        base_url: base_url.into(),
-    };
+    let app = App { sandbox, base_url: base_url.into() };
     Router::new()
         .route("/services/oauth2/token", post(token))
-        .route(
-            "/services/data/{version}/jobs/query",
-            post(create_job).get(list_jobs),
-        )
-        .route(
-            "/services/data/{version}/jobs/query/{job_id}",
-            get(get_job).patch(abort_job).delete(delete_job),
-        )
-        .route(
-            "/services/data/{version}/jobs/query/{job_id}/results",
-            get(job_results),
-        )
+        .route("/services/data/{version}/jobs/query", post(create_job).get(list_jobs))
+        .route("/services/data/{version}/jobs/query/{job_id}", get(get_job).patch(abort_job).delete(delete_job))
+        .route("/services/data/{version}/jobs/query/{job_id}/results", get(job_results))
         .route("/services/data/{version}/limits", get(limits))
         .route("/services/data/{version}/sobjects", get(global_describe))
-        .route(
-            "/services/data/{version}/sobjects/{object}/describe",
-            get(describe_object),
-        )
+        .route("/services/data/{version}/sobjects/{object}/describe", get(describe_object))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), envelope))
@@ -86,13 +71,7 @@ struct ErrorItem<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(
-            self.status,
-            &[ErrorItem {
-                error_code: self.code,
-                message: &self.message,
-            }],
-        )
+        json_response(self.status, &[ErrorItem { error_code: self.code, message: &self.message }])
     }
 }
 
@@ -112,11 +91,7 @@ fn bad_json(e: &serde_json::Error) -> ApiError {
             None => full,
         }
     };
-    api_error(format!(
-        "{what} at [line:{}, column:{}]",
-        e.line(),
-        e.column()
-    ))
+    api_error(format!("{what} at [line:{}, column:{}]", e.line(), e.column()))
 }
 
 /// `v62.0` → `62.0`; anything else is not a Salesforce API version.
@@ -146,17 +121,11 @@ impl Sandbox {
     }
 
     fn has_session(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
+        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return false;
         };
         // REST also accepts the legacy `OAuth <token>` scheme.
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("OAuth "))
-            .map(str::trim);
+        let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("OAuth ")).map(str::trim);
         token.is_some_and(|t| self.lock().tokens.contains(t))
     }
 }
@@ -168,10 +137,7 @@ async fn envelope(State(app): State<App>, request: Request, next: Next) -> Respo
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
-        body: body
-            .as_ref()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default(),
+        body: body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default(),
     });
     let path = parts.uri.path();
     let is_data = path == "/services/data" || path.starts_with("/services/data/");
@@ -184,16 +150,10 @@ async fn envelope(State(app): State<App>, request: Request, next: Next) -> Respo
             format!("Request body exceeds {MAX_BODY_BYTES} bytes"),
         )
         .into_response(),
-        Ok(_) if is_data && !app.sandbox.has_session(&parts.headers) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "INVALID_SESSION_ID",
-            "Session expired or invalid",
-        )
-        .into_response(),
-        Ok(bytes) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
+        Ok(_) if is_data && !app.sandbox.has_session(&parts.headers) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "INVALID_SESSION_ID", "Session expired or invalid").into_response()
         }
+        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
     };
 
     let headers = response.headers_mut();
@@ -215,11 +175,7 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed(method: Method) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
-        format!("HTTP Method '{method}' not allowed."),
-    )
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", format!("HTTP Method '{method}' not allowed."))
 }
 
 // ---------------------------------------------------------------- OAuth ---
@@ -242,16 +198,8 @@ struct OAuthError {
 }
 
 fn oauth_error(error: &'static str, error_description: &'static str) -> Response {
-    let mut response = json_response(
-        StatusCode::BAD_REQUEST,
-        &OAuthError {
-            error,
-            error_description,
-        },
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut response = json_response(StatusCode::BAD_REQUEST, &OAuthError { error, error_description });
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -262,10 +210,7 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let encoded = value.strip_prefix("Basic ")?.trim();
     let decoded = String::from_utf8(base64_decode(encoded)?).ok()?;
     let (id, secret) = decoded.split_once(':')?;
-    Some((
-        super::encoding::form_decode(id),
-        super::encoding::form_decode(secret),
-    ))
+    Some((super::encoding::form_decode(id), super::encoding::form_decode(secret)))
 }
 
 const TOKEN_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._";
@@ -287,9 +232,7 @@ impl Sandbox {
         let org = make_id("00D", 1);
         let org15 = org.get(..15).unwrap_or(&org);
         let rng = &mut state.token_rng;
-        let opaque: String = (0..96)
-            .map(|_| char::from(TOKEN_CHARS[rng.usize(..TOKEN_CHARS.len())]))
-            .collect();
+        let opaque: String = (0..96).map(|_| char::from(TOKEN_CHARS[rng.usize(..TOKEN_CHARS.len())])).collect();
         // Not a real HMAC (the sandbox has no crypto dependency); clients
         // don't verify it, and its shape matches.
         let signature_bytes: Vec<u8> = (0..32).map(|_| rng.u8(..)).collect();
@@ -309,21 +252,14 @@ impl Sandbox {
 
 async fn token(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let form = parse_form(&String::from_utf8_lossy(&body));
-    let field = |name: &str| {
-        form.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     if field("grant_type") != Some("client_credentials") {
         return oauth_error("unsupported_grant_type", "grant type not supported");
     }
     let basic = basic_credentials(&headers);
     let client_id = field("client_id").or(basic.as_ref().map(|(id, _)| id.as_str()));
     let client_secret = field("client_secret").or(basic.as_ref().map(|(_, s)| s.as_str()));
-    match app
-        .sandbox
-        .issue_token(client_id, client_secret, &app.base_url)
-    {
+    match app.sandbox.issue_token(client_id, client_secret, &app.base_url) {
         Ok(token) => json_response(StatusCode::OK, &token),
         Err((error, description)) => oauth_error(error, description),
     }
@@ -341,30 +277,19 @@ struct CreateJobBody {
     line_ending: Option<String>,
 }
 
-async fn create_job(
-    State(app): State<App>,
-    Path(version): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn create_job(State(app): State<App>, Path(version): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let api_version = parse_version(&version)?;
     let request: CreateJobBody = serde_json::from_slice(&body).map_err(|e| bad_json(&e))?;
     let operation = match request.operation.as_deref() {
-        Some(op) => Operation::parse(op).ok_or_else(|| {
-            api_error(format!(
-                "Invalid operation '{op}'; query jobs take 'query' or 'queryAll'"
-            ))
-        })?,
+        Some(op) => Operation::parse(op)
+            .ok_or_else(|| api_error(format!("Invalid operation '{op}'; query jobs take 'query' or 'queryAll'")))?,
         None => return Err(api_error("Missing required field: operation")),
     };
-    let query = request
-        .query
-        .ok_or_else(|| api_error("Missing required field: query"))?;
+    let query = request.query.ok_or_else(|| api_error("Missing required field: query"))?;
     if let Some(ct) = request.content_type.as_deref()
         && ct != "CSV"
     {
-        return Err(api_error(format!(
-            "Invalid contentType '{ct}'; only CSV is supported"
-        )));
+        return Err(api_error(format!("Invalid contentType '{ct}'; only CSV is supported")));
     }
     let delimiter = match request.column_delimiter.as_deref() {
         None => ColumnDelimiter::Comma,
@@ -377,21 +302,12 @@ async fn create_job(
     };
     let line_ending = match request.line_ending.as_deref() {
         None => LineEnding::Lf,
-        Some(name) => LineEnding::parse(name).ok_or_else(|| {
-            api_error(format!("Invalid lineEnding '{name}'; expected LF or CRLF"))
-        })?,
+        Some(name) => LineEnding::parse(name)
+            .ok_or_else(|| api_error(format!("Invalid lineEnding '{name}'; expected LF or CRLF")))?,
     };
     let info = app
         .sandbox
-        .create_query_job(NewQueryJob {
-            api_version,
-            operation,
-            query,
-            style: CsvStyle {
-                delimiter,
-                line_ending,
-            },
-        })
+        .create_query_job(NewQueryJob { api_version, operation, query, style: CsvStyle { delimiter, line_ending } })
         .await?;
     Ok(json_response(StatusCode::OK, &info))
 }
@@ -404,16 +320,9 @@ struct JobList<T> {
     next_records_url: Option<String>,
 }
 
-async fn list_jobs(
-    State(app): State<App>,
-    Path(version): Path<String>,
-) -> Result<Response, ApiError> {
+async fn list_jobs(State(app): State<App>, Path(version): Path<String>) -> Result<Response, ApiError> {
     parse_version(&version)?;
-    let list = JobList {
-        done: true,
-        records: app.sandbox.list_query_jobs(),
-        next_records_url: None,
-    };
+    let list = JobList { done: true, records: app.sandbox.list_query_jobs(), next_records_url: None };
     Ok(json_response(StatusCode::OK, &list))
 }
 
@@ -464,23 +373,14 @@ async fn job_results(
 ) -> Result<Response, ApiError> {
     let api_version = parse_version(&version)?;
     let params = parse_form(query.as_deref().unwrap_or_default());
-    let param = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let max_records = match param("maxRecords") {
         None => None,
         Some(text) => Some(
             text.parse::<usize>()
                 .ok()
                 .filter(|&n| n > 0)
-                .ok_or_else(|| {
-                    api_error(format!(
-                        "maxRecords must be a positive integer, got '{text}'"
-                    ))
-                })?,
+                .ok_or_else(|| api_error(format!("maxRecords must be a positive integer, got '{text}'")))?,
         ),
     };
     let page = app
@@ -494,14 +394,8 @@ async fn job_results(
         .await?;
     let mut response = (StatusCode::OK, page.body).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(CSV_CONTENT_TYPE),
-    );
-    for (name, value) in [
-        ("sforce-locator", page.locator),
-        ("sforce-numberofrecords", page.records.to_string()),
-    ] {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CSV_CONTENT_TYPE));
+    for (name, value) in [("sforce-locator", page.locator), ("sforce-numberofrecords", page.records.to_string())] {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(HeaderName::from_static(name), value);
         }
@@ -532,26 +426,14 @@ async fn limits(State(app): State<App>, Path(version): Path<String>) -> Result<R
         (state.api_requests, state.jobs_created)
     };
     let limits = Limits {
-        daily_api_requests: Limit {
-            max: API_REQUEST_LIMIT,
-            remaining: API_REQUEST_LIMIT.saturating_sub(requests),
-        },
-        daily_bulk_v2_query_jobs: Limit {
-            max: QUERY_JOB_LIMIT,
-            remaining: QUERY_JOB_LIMIT.saturating_sub(jobs),
-        },
-        daily_bulk_v2_query_file_storage_mb: Limit {
-            max: 976_562,
-            remaining: 976_562,
-        },
+        daily_api_requests: Limit { max: API_REQUEST_LIMIT, remaining: API_REQUEST_LIMIT.saturating_sub(requests) },
+        daily_bulk_v2_query_jobs: Limit { max: QUERY_JOB_LIMIT, remaining: QUERY_JOB_LIMIT.saturating_sub(jobs) },
+        daily_bulk_v2_query_file_storage_mb: Limit { max: 976_562, remaining: 976_562 },
     };
     Ok(json_response(StatusCode::OK, &limits))
 }
 
-async fn global_describe(
-    State(app): State<App>,
-    Path(version): Path<String>,
-) -> Result<Response, ApiError> {
+async fn global_describe(State(app): State<App>, Path(version): Path<String>) -> Result<Response, ApiError> {
     parse_version(&version)?;
     let body = {
         let state = app.sandbox.lock();

@@ -23,19 +23,11 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 
     pub(crate) fn not_found() -> Self {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "The requested resource does not exist",
-        )
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist")
     }
 
     fn internal(what: &str) -> Self {
@@ -97,10 +89,7 @@ impl JobState {
     }
 
     fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::JobComplete | JobState::Failed | JobState::Aborted
-        )
+        matches!(self, JobState::JobComplete | JobState::Failed | JobState::Aborted)
     }
 }
 
@@ -173,11 +162,7 @@ impl QueryJob {
     fn info(&self, view: View) -> JobInfo {
         let full = view == View::Full;
         let options = matches!(view, View::Create | View::List | View::Full);
-        let processed = if self.state == JobState::JobComplete {
-            self.results.len() as u64
-        } else {
-            0
-        };
+        let processed = if self.state == JobState::JobComplete { self.results.len() as u64 } else { 0 };
         JobInfo {
             id: self.id.clone(),
             operation: self.operation.name(),
@@ -195,19 +180,9 @@ impl QueryJob {
             number_records_processed: full.then_some(processed),
             retries: full.then_some(0),
             // A plausible, deterministic figure; nothing measures it.
-            total_processing_time: full.then(|| {
-                if self.state.is_terminal() {
-                    25 + processed / 100
-                } else {
-                    0
-                }
-            }),
+            total_processing_time: full.then(|| if self.state.is_terminal() { 25 + processed / 100 } else { 0 }),
             is_pk_chunking_supported: full.then_some(true),
-            error_message: if full {
-                self.error_message.clone()
-            } else {
-                None
-            },
+            error_message: if full { self.error_message.clone() } else { None },
         }
     }
 }
@@ -252,9 +227,7 @@ impl Sandbox {
         let (query, rows, deleted_col) = {
             let state = self.lock();
             let query = soql::compile(&new.query, |name| state.table(name).map(|t| &t.schema))?;
-            let table = state
-                .table(query.object)
-                .ok_or_else(|| ApiError::internal("compiled query names no table"))?;
+            let table = state.table(query.object).ok_or_else(|| ApiError::internal("compiled query names no table"))?;
             (query, Arc::clone(&table.rows), table.system.deleted)
         };
         let object = query.object;
@@ -264,9 +237,7 @@ impl Sandbox {
         // The scan can take a while on large tables; it works on a snapshot,
         // so it runs without the lock and off the async workers.
         let results = tokio::task::spawn_blocking(move || {
-            query.execute(&rows, |row| {
-                include_deleted || !is_deleted(deleted_col, row)
-            })
+            query.execute(&rows, |row| include_deleted || !is_deleted(deleted_col, row))
         })
         .await
         .map_err(|_| ApiError::internal("query evaluation stopped"))?;
@@ -398,25 +369,13 @@ impl Sandbox {
         };
         let offset = match req.locator {
             None => 0,
-            Some(locator) => decode_locator(locator)
-                .filter(|&o| o <= results.len())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "INVALID_LOCATOR",
-                        format!("Invalid locator: {locator}"),
-                    )
-                })?,
+            Some(locator) => decode_locator(locator).filter(|&o| o <= results.len()).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "INVALID_LOCATOR", format!("Invalid locator: {locator}"))
+            })?,
         };
-        let end = offset
-            .saturating_add(req.max_records.unwrap_or(page_size))
-            .min(results.len());
+        let end = offset.saturating_add(req.max_records.unwrap_or(page_size)).min(results.len());
         let records = end.saturating_sub(offset);
-        let locator = if end < results.len() {
-            encode_locator(end)
-        } else {
-            "null".to_owned()
-        };
+        let locator = if end < results.len() { encode_locator(end) } else { "null".to_owned() };
         let render = move || {
             // Rough size guess; avoids most regrowth on big pages.
             let mut body = String::with_capacity(64 + records * columns.len() * 24);
@@ -434,11 +393,7 @@ impl Sandbox {
         } else {
             render()
         };
-        Ok(ResultPage {
-            body,
-            locator,
-            records,
-        })
+        Ok(ResultPage { body, locator, records })
     }
 }
 

@@ -57,10 +57,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             objects: Vec::new(),
             seed: 42,
-            start: Utc
-                .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-                .single()
-                .unwrap_or(DateTime::UNIX_EPOCH),
+            start: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().unwrap_or(DateTime::UNIX_EPOCH),
             client_id: "nightjar-sandbox".to_owned(),
             client_secret: "sandbox-secret".to_owned(),
             polls_until_complete: 2,
@@ -72,23 +69,16 @@ impl Default for SandboxConfig {
 impl SandboxConfig {
     /// Parses a `--generate` spec such as `Account=1000`.
     pub fn parse_generate(spec: &str) -> Result<(String, usize), SandboxError> {
-        let invalid = |reason: &str| SandboxError::InvalidGenerateSpec {
-            spec: spec.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let (object, count) = spec
-            .split_once('=')
-            .ok_or_else(|| invalid("expected OBJECT=COUNT, e.g. Account=1000"))?;
+        let invalid =
+            |reason: &str| SandboxError::InvalidGenerateSpec { spec: spec.to_owned(), reason: reason.to_owned() };
+        let (object, count) =
+            spec.split_once('=').ok_or_else(|| invalid("expected OBJECT=COUNT, e.g. Account=1000"))?;
         let object = object.trim();
-        let spec_for =
-            generate::find_object(object).ok_or_else(|| SandboxError::UnknownObject {
-                name: object.to_owned(),
-                known: generate::known_object_names(),
-            })?;
-        let count = count
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| invalid("COUNT must be a non-negative whole number"))?;
+        let spec_for = generate::find_object(object).ok_or_else(|| SandboxError::UnknownObject {
+            name: object.to_owned(),
+            known: generate::known_object_names(),
+        })?;
+        let count = count.trim().parse::<usize>().map_err(|_| invalid("COUNT must be a non-negative whole number"))?;
         Ok((spec_for.name.to_owned(), count))
     }
 }
@@ -164,11 +154,8 @@ impl Table {
     }
 
     fn stamp(&self, row: &mut [Option<Value>], now: DateTime<Utc>, created: bool) {
-        let targets = [
-            self.system.last_modified,
-            self.system.modstamp,
-            if created { self.system.created } else { None },
-        ];
+        let targets =
+            [self.system.last_modified, self.system.modstamp, if created { self.system.created } else { None }];
         for i in targets.into_iter().flatten() {
             if let Some(slot) = row.get_mut(i) {
                 *slot = Some(Value::DateTime(now));
@@ -180,10 +167,7 @@ impl Table {
         ids.iter()
             .map(|id| {
                 self.position(id)
-                    .ok_or_else(|| SandboxError::UnknownRecord {
-                        object: self.schema.name.to_owned(),
-                        id: id.clone(),
-                    })
+                    .ok_or_else(|| SandboxError::UnknownRecord { object: self.schema.name.to_owned(), id: id.clone() })
             })
             .collect()
     }
@@ -212,26 +196,19 @@ struct State {
 
 impl State {
     fn table(&self, name: &str) -> Option<&Table> {
-        self.tables
-            .iter()
-            .find(|t| t.schema.name.eq_ignore_ascii_case(name))
+        self.tables.iter().find(|t| t.schema.name.eq_ignore_ascii_case(name))
     }
 
     fn table_mut(&mut self, name: &str) -> Result<&mut Table, SandboxError> {
         self.tables
             .iter_mut()
             .find(|t| t.schema.name.eq_ignore_ascii_case(name))
-            .ok_or_else(|| SandboxError::UnknownObject {
-                name: name.to_owned(),
-                known: generate::known_object_names(),
-            })
+            .ok_or_else(|| SandboxError::UnknownObject { name: name.to_owned(), known: generate::known_object_names() })
     }
 
     fn table_ref(&self, name: &str) -> Result<&Table, SandboxError> {
-        self.table(name).ok_or_else(|| SandboxError::UnknownObject {
-            name: name.to_owned(),
-            known: generate::known_object_names(),
-        })
+        self.table(name)
+            .ok_or_else(|| SandboxError::UnknownObject { name: name.to_owned(), known: generate::known_object_names() })
     }
 }
 
@@ -244,9 +221,7 @@ pub struct Sandbox {
 impl Sandbox {
     pub fn new(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         if config.default_page_size == 0 {
-            return Err(SandboxError::InvalidConfig(
-                "default_page_size must be at least 1".to_owned(),
-            ));
+            return Err(SandboxError::InvalidConfig("default_page_size must be at least 1".to_owned()));
         }
         let mut counts: Vec<(&'static ObjectSpec, usize)> = Vec::new();
         for (name, count) in &config.objects {
@@ -255,31 +230,18 @@ impl Sandbox {
                 known: generate::known_object_names(),
             })?;
             if counts.iter().any(|(s, _)| s.name == spec.name) {
-                return Err(SandboxError::InvalidConfig(format!(
-                    "object {} is listed more than once",
-                    spec.name
-                )));
+                return Err(SandboxError::InvalidConfig(format!("object {} is listed more than once", spec.name)));
             }
             counts.push((spec, *count));
         }
         let tables = generate::OBJECTS
             .iter()
             .map(|spec| {
-                let count = counts
-                    .iter()
-                    .find(|(s, _)| s.name == spec.name)
-                    .map_or(0, |(_, n)| *n);
+                let count = counts.iter().find(|(s, _)| s.name == spec.name).map_or(0, |(_, n)| *n);
                 let schema = (spec.schema)();
-                let rows = (0..count as u64)
-                    .map(|i| Row::from((spec.generate)(config.seed, i, config.start)))
-                    .collect();
-                Table {
-                    spec,
-                    system: SystemFields::of(&schema),
-                    schema,
-                    rows: Arc::new(rows),
-                    epoch: 0,
-                }
+                let rows =
+                    (0..count as u64).map(|i| Row::from((spec.generate)(config.seed, i, config.start))).collect();
+                Table { spec, system: SystemFields::of(&schema), schema, rows: Arc::new(rows), epoch: 0 }
             })
             .collect();
         let state = State {
@@ -295,9 +257,7 @@ impl Sandbox {
             failure_message: String::new(),
             token_rng: fastrand::Rng::new(),
         };
-        Ok(Sandbox {
-            state: Arc::new(Mutex::new(state)),
-        })
+        Ok(Sandbox { state: Arc::new(Mutex::new(state)) })
     }
 
     /// A panic elsewhere while holding the lock leaves the state usable (every
@@ -319,11 +279,7 @@ impl Sandbox {
                 })
                 .await
         });
-        Ok(RunningSandbox {
-            base_url,
-            stop: Some(stop),
-            task: Some(task),
-        })
+        Ok(RunningSandbox { base_url, stop: Some(stop), task: Some(task) })
     }
 
     /// Serves on `listener` until the server fails; for `nightjar sandbox`
@@ -341,9 +297,7 @@ impl Sandbox {
     ) -> std::io::Result<()> {
         let base_url = base_url_for(listener.local_addr()?);
         let app = http::router(self.clone(), base_url);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
     }
 
     /// The sandbox clock.
@@ -354,10 +308,7 @@ impl Sandbox {
     pub fn advance_clock(&self, by: Duration) {
         let mut state = self.lock();
         let step = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
-        state.clock = state
-            .clock
-            .checked_add_signed(step)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        state.clock = state.clock.checked_add_signed(step).unwrap_or(DateTime::<Utc>::MAX_UTC);
     }
 
     /// Changes some fields (e.g. Name, AnnualRevenue, Description) of `n`
@@ -368,14 +319,10 @@ impl Sandbox {
         let mut state = self.lock();
         let seed = state.config.seed;
         let table = state.table_mut(object)?;
-        let live: Vec<usize> = (0..table.rows.len())
-            .filter(|&i| !table.rows.get(i).is_some_and(|r| table.is_deleted(r)))
-            .collect();
+        let live: Vec<usize> =
+            (0..table.rows.len()).filter(|&i| !table.rows.get(i).is_some_and(|r| table.is_deleted(r))).collect();
         let chosen = generate::choose_rows(seed, table.epoch, live, n);
-        let ids: Vec<String> = chosen
-            .iter()
-            .map(|&p| data::make_id(table.schema.key_prefix, p as u64 + 1))
-            .collect();
+        let ids: Vec<String> = chosen.iter().map(|&p| data::make_id(table.schema.key_prefix, p as u64 + 1)).collect();
         update_positions(&mut state, object, &chosen)?;
         Ok(ids)
     }
@@ -388,10 +335,7 @@ impl Sandbox {
         let positions = table.resolve_ids(ids)?;
         for (&p, id) in positions.iter().zip(ids) {
             if table.rows.get(p).is_some_and(|r| table.is_deleted(r)) {
-                return Err(SandboxError::DeletedRecord {
-                    object: table.schema.name.to_owned(),
-                    id: id.clone(),
-                });
+                return Err(SandboxError::DeletedRecord { object: table.schema.name.to_owned(), id: id.clone() });
             }
         }
         update_positions(&mut state, object, &positions)
@@ -474,12 +418,7 @@ impl Sandbox {
     pub fn field_names(&self, object: &str) -> Result<Vec<String>, SandboxError> {
         let state = self.lock();
         let table = state.table_ref(object)?;
-        Ok(table
-            .schema
-            .fields
-            .iter()
-            .map(|f| f.name.to_owned())
-            .collect())
+        Ok(table.schema.fields.iter().map(|f| f.name.to_owned()).collect())
     }
 
     /// Every request received so far, oldest first.
@@ -496,11 +435,7 @@ impl Sandbox {
     }
 }
 
-fn update_positions(
-    state: &mut State,
-    object: &str,
-    positions: &[usize],
-) -> Result<(), SandboxError> {
+fn update_positions(state: &mut State, object: &str, positions: &[usize]) -> Result<(), SandboxError> {
     let (seed, now) = (state.config.seed, state.clock);
     let table = state.table_mut(object)?;
     let epoch = table.epoch;
@@ -562,10 +497,7 @@ impl RunningSandbox {
         if let Some(mut task) = self.task.take() {
             // Clients holding keep-alive connections open can delay a
             // graceful stop indefinitely; don't let them hang the caller.
-            if tokio::time::timeout(Duration::from_secs(5), &mut task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
                 task.abort();
             }
         }
@@ -585,25 +517,16 @@ mod tests {
     use super::*;
 
     fn sandbox(n: usize) -> Sandbox {
-        Sandbox::new(SandboxConfig {
-            objects: vec![("Account".into(), n)],
-            ..SandboxConfig::default()
-        })
-        .unwrap()
+        Sandbox::new(SandboxConfig { objects: vec![("Account".into(), n)], ..SandboxConfig::default() }).unwrap()
     }
 
     fn field<'a>(row: &'a [(String, Option<String>)], name: &str) -> Option<&'a str> {
-        row.iter()
-            .find(|(f, _)| f == name)
-            .and_then(|(_, v)| v.as_deref())
+        row.iter().find(|(f, _)| f == name).and_then(|(_, v)| v.as_deref())
     }
 
     #[test]
     fn parse_generate_spec() {
-        assert_eq!(
-            SandboxConfig::parse_generate("account=1000").unwrap(),
-            ("Account".to_owned(), 1000)
-        );
+        assert_eq!(SandboxConfig::parse_generate("account=1000").unwrap(), ("Account".to_owned(), 1000));
         let err = SandboxConfig::parse_generate("Contact=5").unwrap_err();
         assert!(err.to_string().contains("known objects: Account"), "{err}");
         assert!(SandboxConfig::parse_generate("Account").is_err());
@@ -612,17 +535,8 @@ mod tests {
 
     #[test]
     fn same_config_same_records() {
-        assert_eq!(
-            sandbox(300).records("Account").unwrap(),
-            sandbox(300).records("Account").unwrap()
-        );
-        assert!(
-            Sandbox::new(SandboxConfig {
-                objects: vec![("Nope".into(), 1)],
-                ..SandboxConfig::default()
-            })
-            .is_err()
-        );
+        assert_eq!(sandbox(300).records("Account").unwrap(), sandbox(300).records("Account").unwrap());
+        assert!(Sandbox::new(SandboxConfig { objects: vec![("Nope".into(), 1)], ..SandboxConfig::default() }).is_err());
     }
 
     #[test]
@@ -650,10 +564,7 @@ mod tests {
             assert_eq!(modstamp == stamp, touched, "{id}");
             assert_eq!(field(row, "IsDeleted") == Some("true"), id == inserted[0]);
         }
-        assert!(matches!(
-            sb.update_records_by_id("Account", &inserted[..1]),
-            Err(SandboxError::DeletedRecord { .. })
-        ));
+        assert!(matches!(sb.update_records_by_id("Account", &inserted[..1]), Err(SandboxError::DeletedRecord { .. })));
         assert!(matches!(
             sb.delete_records("Account", &["001Dx0000000zzzAAA".to_owned()]),
             Err(SandboxError::UnknownRecord { .. })

@@ -23,17 +23,11 @@ pub(crate) struct SoqlError {
 impl SoqlError {
     fn malformed(src: &str, pos: usize, what: impl std::fmt::Display) -> SoqlError {
         let (row, column) = row_column(src, pos);
-        SoqlError {
-            code: "MALFORMED_QUERY",
-            message: format!("{what} (ERROR at Row:{row}:Column:{column})"),
-        }
+        SoqlError { code: "MALFORMED_QUERY", message: format!("{what} (ERROR at Row:{row}:Column:{column})") }
     }
 
     fn invalid_field(message: String) -> SoqlError {
-        SoqlError {
-            code: "INVALID_FIELD",
-            message,
-        }
+        SoqlError { code: "INVALID_FIELD", message }
     }
 }
 
@@ -155,11 +149,7 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
                 loop {
                     match at(i) {
                         None => {
-                            return Err(SoqlError::malformed(
-                                src,
-                                offset(start),
-                                "unterminated string literal",
-                            ));
+                            return Err(SoqlError::malformed(src, offset(start), "unterminated string literal"));
                         }
                         Some('\'') => {
                             i += 1;
@@ -197,22 +187,16 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
                 }
                 Tok::Str(text)
             }
-            c if c.is_ascii_digit()
-                || ((c == '-' || c == '+') && at(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
-            {
-                let looks_like_date = (0..4).all(|k| at(i + k).is_some_and(|d| d.is_ascii_digit()))
-                    && at(i + 4) == Some('-');
+            c if c.is_ascii_digit() || ((c == '-' || c == '+') && at(i + 1).is_some_and(|d| d.is_ascii_digit())) => {
+                let looks_like_date =
+                    (0..4).all(|k| at(i + k).is_some_and(|d| d.is_ascii_digit())) && at(i + 4) == Some('-');
                 if looks_like_date {
                     while at(i).is_some_and(|d| d.is_ascii_alphanumeric() || ":.+-".contains(d)) {
                         i += 1;
                     }
                     let text = src.get(offset(start)..offset(i)).unwrap_or_default();
                     date_literal(text).ok_or_else(|| {
-                        SoqlError::malformed(
-                            src,
-                            offset(start),
-                            format!("invalid date or dateTime literal: {text}"),
-                        )
+                        SoqlError::malformed(src, offset(start), format!("invalid date or dateTime literal: {text}"))
                     })?
                 } else {
                     i += 1;
@@ -220,9 +204,9 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
                         i += 1;
                     }
                     let text = src.get(offset(start)..offset(i)).unwrap_or_default();
-                    let n = text.parse::<f64>().map_err(|_| {
-                        SoqlError::malformed(src, offset(start), format!("invalid number: {text}"))
-                    })?;
+                    let n = text
+                        .parse::<f64>()
+                        .map_err(|_| SoqlError::malformed(src, offset(start), format!("invalid number: {text}")))?;
                     Tok::Num(n)
                 }
             }
@@ -230,47 +214,27 @@ fn lex(src: &str) -> Result<Vec<Token>, SoqlError> {
                 while at(i).is_some_and(|d| d.is_alphanumeric() || d == '_' || d == '.') {
                     i += 1;
                 }
-                Tok::Ident(
-                    src.get(offset(start)..offset(i))
-                        .unwrap_or_default()
-                        .to_owned(),
-                )
+                Tok::Ident(src.get(offset(start)..offset(i)).unwrap_or_default().to_owned())
             }
             other => {
-                return Err(SoqlError::malformed(
-                    src,
-                    offset(start),
-                    format!("unexpected character: '{other}'"),
-                ));
+                return Err(SoqlError::malformed(src, offset(start), format!("unexpected character: '{other}'")));
             }
         };
-        tokens.push(Token {
-            tok,
-            start: offset(start),
-            end: offset(i),
-        });
+        tokens.push(Token { tok, start: offset(start), end: offset(i) });
     }
-    tokens.push(Token {
-        tok: Tok::Eof,
-        start: src.len(),
-        end: src.len(),
-    });
+    tokens.push(Token { tok: Tok::Eof, start: src.len(), end: src.len() });
     Ok(tokens)
 }
 
 /// `YYYY-MM-DD`, or a dateTime `YYYY-MM-DDThh:mm:ss[.fff](Z|±hh:mm)`.
 fn date_literal(text: &str) -> Option<Tok> {
     if text.len() == 10 {
-        return NaiveDate::parse_from_str(text, "%Y-%m-%d")
-            .ok()
-            .map(Tok::Date);
+        return NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().map(Tok::Date);
     }
     if !text.contains(['T', 't']) {
         return None;
     }
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| Tok::DateTime(t.with_timezone(&Utc)))
+    DateTime::parse_from_rfc3339(text).ok().map(|t| Tok::DateTime(t.with_timezone(&Utc)))
 }
 
 // --------------------------------------------------------------- parser ---
@@ -296,20 +260,9 @@ enum Expr {
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
     Not(Box<Expr>),
-    Cmp {
-        field: Name,
-        op: CmpOp,
-        lit: Lit,
-    },
-    In {
-        field: Name,
-        negated: bool,
-        list: Vec<Lit>,
-    },
-    Like {
-        field: Name,
-        pattern: String,
-    },
+    Cmp { field: Name, op: CmpOp, lit: Lit },
+    In { field: Name, negated: bool, list: Vec<Lit> },
+    Like { field: Name, pattern: String },
 }
 
 #[derive(Debug, Clone)]
@@ -331,8 +284,8 @@ struct ParsedQuery {
 /// Words that end a field list or an expression; using one as a field name
 /// is a syntax error, as in SOQL.
 const RESERVED: &[&str] = &[
-    "SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "IN", "LIKE", "ORDER", "BY", "LIMIT", "GROUP",
-    "HAVING", "OFFSET", "NULL", "TRUE", "FALSE", "WITH", "USING", "FOR", "TYPEOF",
+    "SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "IN", "LIKE", "ORDER", "BY", "LIMIT", "GROUP", "HAVING", "OFFSET",
+    "NULL", "TRUE", "FALSE", "WITH", "USING", "FOR", "TYPEOF",
 ];
 
 struct Parser<'a> {
@@ -379,11 +332,7 @@ impl<'a> Parser<'a> {
     }
 
     fn expect_keyword(&mut self, kw: &str) -> Result<(), SoqlError> {
-        if self.eat_keyword(kw) {
-            Ok(())
-        } else {
-            Err(self.unexpected())
-        }
+        if self.eat_keyword(kw) { Ok(()) } else { Err(self.unexpected()) }
     }
 
     fn expect(&mut self, tok: &Tok) -> Result<(), SoqlError> {
@@ -416,10 +365,7 @@ impl<'a> Parser<'a> {
                 return Err(SoqlError::malformed(
                     self.src,
                     field.pos,
-                    format!(
-                        "{}() is not supported by Bulk API 2.0 query; select fields by name",
-                        field.text
-                    ),
+                    format!("{}() is not supported by Bulk API 2.0 query; select fields by name", field.text),
                 ));
             }
             fields.push(field);
@@ -430,11 +376,7 @@ impl<'a> Parser<'a> {
         }
         self.expect_keyword("FROM")?;
         let object = self.name()?;
-        let filter = if self.eat_keyword("WHERE") {
-            Some(self.or_expr()?)
-        } else {
-            None
-        };
+        let filter = if self.eat_keyword("WHERE") { Some(self.or_expr()?) } else { None };
         let mut order = Vec::new();
         if self.eat_keyword("ORDER") {
             self.expect_keyword("BY")?;
@@ -456,11 +398,7 @@ impl<'a> Parser<'a> {
                 } else {
                     None
                 };
-                order.push(OrderItem {
-                    field,
-                    descending,
-                    nulls_first,
-                });
+                order.push(OrderItem { field, descending, nulls_first });
                 if self.peek() != &Tok::Comma {
                     break;
                 }
@@ -482,13 +420,7 @@ impl<'a> Parser<'a> {
         if self.peek() != &Tok::Eof {
             return Err(self.unexpected());
         }
-        Ok(ParsedQuery {
-            fields,
-            object,
-            filter,
-            order,
-            limit,
-        })
+        Ok(ParsedQuery { fields, object, filter, order, limit })
     }
 
     fn or_expr(&mut self) -> Result<Expr, SoqlError> {
@@ -546,11 +478,7 @@ impl<'a> Parser<'a> {
                     list.push(self.literal()?);
                 }
                 self.expect(&Tok::RParen)?;
-                Ok(Expr::In {
-                    field,
-                    negated,
-                    list,
-                })
+                Ok(Expr::In { field, negated, list })
             }
             _ => Err(self.unexpected()),
         }
@@ -604,20 +532,9 @@ enum Cond {
     And(Box<Cond>, Box<Cond>),
     Or(Box<Cond>, Box<Cond>),
     Not(Box<Cond>),
-    Cmp {
-        col: usize,
-        op: CmpOp,
-        lit: Bound,
-    },
-    In {
-        col: usize,
-        negated: bool,
-        list: Vec<Bound>,
-    },
-    Like {
-        col: usize,
-        pattern: Vec<LikePart>,
-    },
+    Cmp { col: usize, op: CmpOp, lit: Bound },
+    In { col: usize, negated: bool, list: Vec<Bound> },
+    Like { col: usize, pattern: Vec<LikePart> },
 }
 
 #[derive(Debug, Clone)]
@@ -660,11 +577,7 @@ pub(crate) fn compile<'s>(
     for field in &parsed.fields {
         let col = binder.column(field)?;
         if columns.contains(&col) {
-            return Err(SoqlError::malformed(
-                src,
-                field.pos,
-                format!("duplicate field selected: {}", field.text),
-            ));
+            return Err(SoqlError::malformed(src, field.pos, format!("duplicate field selected: {}", field.text)));
         }
         header.push(field.text.clone());
         columns.push(col);
@@ -684,14 +597,7 @@ pub(crate) fn compile<'s>(
             })
         })
         .collect::<Result<Vec<_>, SoqlError>>()?;
-    Ok(BoundQuery {
-        object: schema.name,
-        header,
-        columns,
-        filter,
-        order,
-        limit: parsed.limit,
-    })
+    Ok(BoundQuery { object: schema.name, header, columns, filter, order, limit: parsed.limit })
 }
 
 struct Binder<'s> {
@@ -719,10 +625,7 @@ impl Binder<'_> {
     }
 
     fn kind(&self, col: usize) -> Kind {
-        self.schema
-            .fields
-            .get(col)
-            .map_or(Kind::Text, |f| f.ftype.kind())
+        self.schema.fields.get(col).map_or(Kind::Text, |f| f.ftype.kind())
     }
 
     fn literal(&self, col: usize, lit: &Lit) -> Result<Bound, SoqlError> {
@@ -756,25 +659,14 @@ impl Binder<'_> {
             Expr::Not(a) => Cond::Not(Box::new(self.cond(a)?)),
             Expr::Cmp { field, op, lit } => {
                 let col = self.column(field)?;
-                Cond::Cmp {
-                    col,
-                    op: *op,
-                    lit: self.literal(col, lit)?,
-                }
+                Cond::Cmp { col, op: *op, lit: self.literal(col, lit)? }
             }
-            Expr::In {
-                field,
-                negated,
-                list,
-            } => {
+            Expr::In { field, negated, list } => {
                 let col = self.column(field)?;
                 Cond::In {
                     col,
                     negated: *negated,
-                    list: list
-                        .iter()
-                        .map(|l| self.literal(col, l))
-                        .collect::<Result<_, _>>()?,
+                    list: list.iter().map(|l| self.literal(col, l)).collect::<Result<_, _>>()?,
                 }
             }
             Expr::Like { field, pattern } => {
@@ -785,10 +677,7 @@ impl Binder<'_> {
                         field.text
                     )));
                 }
-                Cond::Like {
-                    col,
-                    pattern: like_pattern(pattern),
-                }
+                Cond::Like { col, pattern: like_pattern(pattern) }
             }
         })
     }
@@ -825,21 +714,14 @@ fn like_pattern(pattern: &str) -> Vec<LikePart> {
 // ------------------------------------------------------------ evaluator ---
 
 fn cmp_text_ci(value: &str, lowered: &str) -> Ordering {
-    value
-        .chars()
-        .flat_map(char::to_lowercase)
-        .cmp(lowered.chars())
+    value.chars().flat_map(char::to_lowercase).cmp(lowered.chars())
 }
 
 /// Ids compare exactly; a 15-character literal matches the 18-character
 /// form of the same id, as Salesforce allows.
 fn cmp_id(value: &str, literal: &str) -> Ordering {
     if literal.len() == 15 && value.len() == 18 {
-        value
-            .as_bytes()
-            .get(..15)
-            .unwrap_or_default()
-            .cmp(literal.as_bytes())
+        value.as_bytes().get(..15).unwrap_or_default().cmp(literal.as_bytes())
     } else {
         value.cmp(literal)
     }
@@ -897,11 +779,7 @@ fn like_matches(text: &str, pattern: &[LikePart]) -> bool {
             },
         }
     }
-    pattern
-        .get(p..)
-        .unwrap_or_default()
-        .iter()
-        .all(|part| *part == LikePart::Any)
+    pattern.get(p..).unwrap_or_default().iter().all(|part| *part == LikePart::Any)
 }
 
 impl Cond {
@@ -926,11 +804,9 @@ impl Cond {
 
 fn order_values(kind: Kind, a: &Value, b: &Value) -> Ordering {
     match (a, b) {
-        (Value::Text(x), Value::Text(y)) if kind == Kind::Text => x
-            .chars()
-            .flat_map(char::to_lowercase)
-            .cmp(y.chars().flat_map(char::to_lowercase))
-            .then_with(|| x.cmp(y)),
+        (Value::Text(x), Value::Text(y)) if kind == Kind::Text => {
+            x.chars().flat_map(char::to_lowercase).cmp(y.chars().flat_map(char::to_lowercase)).then_with(|| x.cmp(y))
+        }
         (Value::Text(x), Value::Text(y)) => x.cmp(y),
         (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
         (Value::Date(x), Value::Date(y)) => x.cmp(y),
@@ -950,10 +826,7 @@ impl BoundQuery {
     /// Runs the query over `rows`; `visible` decides which rows the operation
     /// may see at all (query hides soft-deleted rows, queryAll doesn't).
     pub(crate) fn execute(&self, rows: &[Row], visible: impl Fn(&Row) -> bool) -> Vec<Row> {
-        let hits = rows
-            .iter()
-            .filter(|r| visible(r) && self.matches(r))
-            .cloned();
+        let hits = rows.iter().filter(|r| visible(r) && self.matches(r)).cloned();
         if self.order.is_empty() {
             return match self.limit {
                 Some(n) => hits.take(n).collect(),
@@ -1001,13 +874,7 @@ mod tests {
     use super::*;
 
     fn schema() -> Schema {
-        let f = |name, ftype| Field {
-            name,
-            label: name,
-            ftype,
-            nillable: true,
-            picklist: &[],
-        };
+        let f = |name, ftype| Field { name, label: name, ftype, nillable: true, picklist: &[] };
         Schema {
             name: "Account",
             key_prefix: "001",
@@ -1038,35 +905,11 @@ mod tests {
             ])
         };
         vec![
-            row(
-                "001000000000001AAA",
-                Some("Acme"),
-                Some(10_000),
-                at(0, 0),
-                false,
-            ),
-            row(
-                "001000000000002AAA",
-                Some("acme corp"),
-                None,
-                at(1, 0),
-                false,
-            ),
-            row(
-                "001000000000003AAA",
-                Some("Globex"),
-                Some(500_000),
-                at(2, 0),
-                true,
-            ),
+            row("001000000000001AAA", Some("Acme"), Some(10_000), at(0, 0), false),
+            row("001000000000002AAA", Some("acme corp"), None, at(1, 0), false),
+            row("001000000000003AAA", Some("Globex"), Some(500_000), at(2, 0), true),
             row("001000000000004AAA", None, Some(25_000), at(3, 0), false),
-            row(
-                "001000000000005AAA",
-                Some("O'Brien 100%"),
-                Some(1),
-                at(4, 30),
-                false,
-            ),
+            row("001000000000005AAA", Some("O'Brien 100%"), Some(1), at(4, 30), false),
         ]
     }
 
@@ -1095,76 +938,36 @@ mod tests {
 
     #[test]
     fn where_clause_operators_and_null_semantics() {
+        assert_eq!(run("SELECT Id FROM Account WHERE Name = 'ACME'").unwrap(), ["001"]);
+        assert_eq!(run("SELECT Id FROM Account WHERE Name LIKE 'acme%'").unwrap(), ["001", "002"]);
+        assert_eq!(run("SELECT Id FROM Account WHERE Name LIKE '%\\%'").unwrap(), ["005"]);
+        assert_eq!(run("SELECT Id FROM Account WHERE Name = 'O\\'Brien 100%'").unwrap(), ["005"]);
+        assert_eq!(run("SELECT Id FROM Account WHERE Name = null").unwrap(), ["004"]);
+        assert_eq!(run("SELECT Id FROM Account WHERE AnnualRevenue != null").unwrap().len(), 4);
+        assert_eq!(run("SELECT Id FROM Account WHERE AnnualRevenue > 99.5").unwrap(), ["001", "003", "004"]);
+        assert_eq!(run("SELECT Id FROM Account WHERE Name != 'acme'").unwrap(), ["002", "003", "004", "005"]);
         assert_eq!(
-            run("SELECT Id FROM Account WHERE Name = 'ACME'").unwrap(),
-            ["001"]
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE Name LIKE 'acme%'").unwrap(),
-            ["001", "002"]
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE Name LIKE '%\\%'").unwrap(),
-            ["005"]
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE Name = 'O\\'Brien 100%'").unwrap(),
-            ["005"]
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE Name = null").unwrap(),
-            ["004"]
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE AnnualRevenue != null")
-                .unwrap()
-                .len(),
-            4
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE AnnualRevenue > 99.5").unwrap(),
-            ["001", "003", "004"]
-        );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE Name != 'acme'").unwrap(),
-            ["002", "003", "004", "005"]
-        );
-        assert_eq!(
-            run(
-                "SELECT Id FROM Account WHERE Name IN ('globex', 'Acme') OR (IsDeleted = false \
-                 AND NOT AnnualRevenue < 200)"
-            )
+            run("SELECT Id FROM Account WHERE Name IN ('globex', 'Acme') OR (IsDeleted = false \
+                 AND NOT AnnualRevenue < 200)")
             .unwrap(),
             // 002's null revenue fails `< 200`, so NOT makes it match.
             ["001", "002", "003", "004"]
         );
         assert_eq!(
-            run("SELECT Id FROM Account WHERE Id NOT IN ('001000000000001', '001000000000002AAA')")
-                .unwrap(),
+            run("SELECT Id FROM Account WHERE Id NOT IN ('001000000000001', '001000000000002AAA')").unwrap(),
             ["003", "004", "005"]
         );
-        assert_eq!(
-            run("SELECT Id FROM Account WHERE CustomerSince__c = 2024-01-01")
-                .unwrap()
-                .len(),
-            5
-        );
+        assert_eq!(run("SELECT Id FROM Account WHERE CustomerSince__c = 2024-01-01").unwrap().len(), 5);
     }
 
     #[test]
     fn order_by_and_limit() {
-        assert_eq!(
-            run("SELECT Id FROM Account ORDER BY AnnualRevenue DESC LIMIT 3").unwrap(),
-            ["003", "004", "001"]
-        );
+        assert_eq!(run("SELECT Id FROM Account ORDER BY AnnualRevenue DESC LIMIT 3").unwrap(), ["003", "004", "001"]);
         assert_eq!(
             run("SELECT Id FROM Account ORDER BY Name ASC NULLS LAST").unwrap(),
             ["001", "002", "003", "005", "004"]
         );
-        assert_eq!(
-            run("SELECT Id FROM Account LIMIT 2").unwrap(),
-            ["001", "002"]
-        );
+        assert_eq!(run("SELECT Id FROM Account LIMIT 2").unwrap(), ["001", "002"]);
     }
 
     #[test]
@@ -1180,10 +983,7 @@ mod tests {
     fn unknown_names_are_rejected_like_salesforce() {
         let err = run("SELECT Id, BadField FROM Account").unwrap_err();
         assert_eq!(err.code, "INVALID_FIELD");
-        assert!(
-            err.message
-                .starts_with("No such column 'BadField' on entity 'Account'.")
-        );
+        assert!(err.message.starts_with("No such column 'BadField' on entity 'Account'."));
         let err = run("SELECT Id FROM Foo").unwrap_err();
         assert_eq!(err.code, "INVALID_TYPE");
         assert_eq!(err.message, "sObject type 'Foo' is not supported.");
@@ -1218,10 +1018,7 @@ mod tests {
             assert_eq!(err.code, "MALFORMED_QUERY", "{q}: {err:?}");
         }
         let err = run("SELECT Id FROM Account WHERE").unwrap_err();
-        assert_eq!(
-            err.message,
-            "unexpected token: '<EOF>' (ERROR at Row:1:Column:29)"
-        );
+        assert_eq!(err.message, "unexpected token: '<EOF>' (ERROR at Row:1:Column:29)");
     }
 
     #[test]

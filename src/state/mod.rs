@@ -191,7 +191,13 @@ impl StateStore {
         Ok(())
     }
 
-    pub fn record_step(&self, run: RunId, step: &str, started: DateTime<Utc>, took: Duration) -> Result<(), StateError> {
+    pub fn record_step(
+        &self,
+        run: RunId,
+        step: &str,
+        started: DateTime<Utc>,
+        took: Duration,
+    ) -> Result<(), StateError> {
         self.conn().execute(
             "INSERT INTO run_steps (run_id, step, started_at, duration_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (run_id, step) DO UPDATE SET duration_ms = duration_ms + excluded.duration_ms",
@@ -229,10 +235,8 @@ impl StateStore {
     }
 
     pub fn watermark(&self, job: &str) -> Result<Option<DateTime<Utc>>, StateError> {
-        let value: Option<String> = self
-            .conn()
-            .query_row("SELECT value FROM watermarks WHERE job = ?1", [job], |r| r.get(0))
-            .optional()?;
+        let value: Option<String> =
+            self.conn().query_row("SELECT value FROM watermarks WHERE job = ?1", [job], |r| r.get(0)).optional()?;
         value.map(|v| parse_ts(&v)).transpose()
     }
 
@@ -301,9 +305,8 @@ impl StateStore {
              LIMIT ?4",
         )?;
         let limit = filter.limit.map_or(-1, i64::from);
-        let rows = stmt.query_map(
-            params![filter.job, filter.status.map(RunStatus::as_str), filter.min_id, limit],
-            |r| {
+        let rows =
+            stmt.query_map(params![filter.job, filter.status.map(RunStatus::as_str), filter.min_id, limit], |r| {
                 let status: String = r.get(2)?;
                 let ids: String = r.get(17)?;
                 Ok(RunRecord {
@@ -331,8 +334,7 @@ impl StateStore {
                     error_class: r.get(18)?,
                     error: r.get(19)?,
                 })
-            },
-        )?;
+            })?;
         let mut out: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
         for run in &mut out {
             if let (Ok(a), Some(Ok(b))) = (parse_ts(&run.started_at), run.finished_at.as_deref().map(parse_ts)) {

@@ -127,9 +127,7 @@ impl Mapping {
         for col in &file.columns {
             let name = col.name.get_ref().clone();
             if col.sql.is_some() {
-                return Err(TransformError::Invalid(format!(
-                    "column `{name}`: `sql` columns are not supported yet"
-                )));
+                return Err(TransformError::Invalid(format!("column `{name}`: `sql` columns are not supported yet")));
             }
             let from = col
                 .from
@@ -190,12 +188,15 @@ impl Mapping {
         let mut reject = |row: usize, keep: &mut Vec<bool>, column: &str, value: Option<&str>, reason: String| {
             if keep[row] {
                 keep[row] = false;
-                rejects.push((row, Reject {
-                    record_id: record_id(row),
-                    column: column.to_string(),
-                    value: value.map(str::to_string),
-                    reason,
-                }));
+                rejects.push((
+                    row,
+                    Reject {
+                        record_id: record_id(row),
+                        column: column.to_string(),
+                        value: value.map(str::to_string),
+                        reason,
+                    },
+                ));
             }
         };
 

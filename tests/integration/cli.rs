@@ -80,7 +80,8 @@ fn a_missing_environment_variable_names_itself() {
     let dir = example_project();
     let config = dir.path().join("nightjar.toml");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("${SF_CLIENT_SECRET:-sandbox-secret}", "${NIGHTJAR_TEST_UNSET_SECRET}")).unwrap();
+    std::fs::write(&config, text.replace("${SF_CLIENT_SECRET:-sandbox-secret}", "${NIGHTJAR_TEST_UNSET_SECRET}"))
+        .unwrap();
     let out = nightjar(dir.path(), &["validate"]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);

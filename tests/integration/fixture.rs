@@ -13,9 +13,28 @@ use rusqlite::types::Value;
 
 /// Every Account field the generator makes, extracted as-is.
 pub const FIELDS: &[&str] = &[
-    "Id", "Name", "Type", "Industry", "AnnualRevenue", "NumberOfEmployees", "Rating", "Phone", "Website",
-    "BillingStreet", "BillingCity", "BillingPostalCode", "BillingCountry", "Description", "IsActive__c",
-    "CustomerSince__c", "Score__c", "CreatedDate", "LastModifiedDate", "SystemModstamp", "IsDeleted", "OwnerId",
+    "Id",
+    "Name",
+    "Type",
+    "Industry",
+    "AnnualRevenue",
+    "NumberOfEmployees",
+    "Rating",
+    "Phone",
+    "Website",
+    "BillingStreet",
+    "BillingCity",
+    "BillingPostalCode",
+    "BillingCountry",
+    "Description",
+    "IsActive__c",
+    "CustomerSince__c",
+    "Score__c",
+    "CreatedDate",
+    "LastModifiedDate",
+    "SystemModstamp",
+    "IsDeleted",
+    "OwnerId",
 ];
 
 pub struct Fixture {
@@ -43,7 +62,8 @@ impl Fixture {
         let running = sandbox.start(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("sandbox listens");
         let dir = tempfile::tempdir().expect("temp dir");
         write_project(dir.path(), running.base_url(), &config, page_size);
-        let project = Project::load(&dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
+        let project =
+            Project::load(&dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
         let state = StateStore::open(&dir.path().join("state/nightjar.db")).expect("state opens");
         Fixture { dir, sandbox, running, project, state }
     }

@@ -12,11 +12,8 @@ use super::super::{RunningSandbox, Sandbox, SandboxConfig};
 const V: &str = "v62.0";
 
 async fn start(rows: usize) -> (Sandbox, RunningSandbox, reqwest::Client) {
-    let sandbox = Sandbox::new(SandboxConfig {
-        objects: vec![("Account".into(), rows)],
-        ..SandboxConfig::default()
-    })
-    .unwrap();
+    let sandbox =
+        Sandbox::new(SandboxConfig { objects: vec![("Account".into(), rows)], ..SandboxConfig::default() }).unwrap();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let running = sandbox.start(addr).await.unwrap();
     (sandbox, running, reqwest::Client::new())
@@ -42,19 +39,8 @@ fn jobs_url(running: &RunningSandbox) -> String {
     format!("{}/services/data/{V}/jobs/query", running.base_url())
 }
 
-async fn create(
-    client: &reqwest::Client,
-    running: &RunningSandbox,
-    token: &str,
-    body: Json,
-) -> reqwest::Response {
-    client
-        .post(jobs_url(running))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+async fn create(client: &reqwest::Client, running: &RunningSandbox, token: &str, body: Json) -> reqwest::Response {
+    client.post(jobs_url(running)).bearer_auth(token).json(&body).send().await.unwrap()
 }
 
 async fn error_code(response: reqwest::Response) -> (u16, String, String) {
@@ -67,12 +53,7 @@ async fn error_code(response: reqwest::Response) -> (u16, String, String) {
     )
 }
 
-async fn poll_to_end(
-    client: &reqwest::Client,
-    running: &RunningSandbox,
-    token: &str,
-    id: &str,
-) -> Json {
+async fn poll_to_end(client: &reqwest::Client, running: &RunningSandbox, token: &str, id: &str) -> Json {
     for _ in 0..10 {
         let info: Json = client
             .get(format!("{}/{id}", jobs_url(running)))
@@ -83,10 +64,7 @@ async fn poll_to_end(
             .json()
             .await
             .unwrap();
-        if matches!(
-            info["state"].as_str(),
-            Some("JobComplete" | "Failed" | "Aborted")
-        ) {
+        if matches!(info["state"].as_str(), Some("JobComplete" | "Failed" | "Aborted")) {
             return info;
         }
     }
@@ -105,9 +83,7 @@ async fn all_pages(
     let mut counts = Vec::new();
     let mut locator: Option<String> = None;
     loop {
-        let mut request = client
-            .get(format!("{}/{id}/results", jobs_url(running)))
-            .bearer_auth(token);
+        let mut request = client.get(format!("{}/{id}/results", jobs_url(running))).bearer_auth(token);
         if let Some(n) = max_records {
             request = request.query(&[("maxRecords", n.to_string())]);
         }
@@ -118,13 +94,7 @@ async fn all_pages(
         assert_eq!(response.status(), 200);
         let headers = response.headers().clone();
         assert_eq!(headers["content-type"], "text/csv; charset=UTF-8");
-        counts.push(
-            headers["sforce-numberofrecords"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap(),
-        );
+        counts.push(headers["sforce-numberofrecords"].to_str().unwrap().parse().unwrap());
         let next = headers["sforce-locator"].to_str().unwrap().to_owned();
         bodies.push(response.text().await.unwrap());
         if next == "null" {
@@ -136,19 +106,9 @@ async fn all_pages(
 }
 
 fn parse_csv(body: &str, delimiter: u8) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .from_reader(body.as_bytes());
-    let header = reader
-        .headers()
-        .unwrap()
-        .iter()
-        .map(str::to_owned)
-        .collect();
-    let rows = reader
-        .records()
-        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
-        .collect();
+    let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).from_reader(body.as_bytes());
+    let header = reader.headers().unwrap().iter().map(str::to_owned).collect();
+    let rows = reader.records().map(|r| r.unwrap().iter().map(str::to_owned).collect()).collect();
     (header, rows)
 }
 
@@ -175,10 +135,7 @@ async fn token_create_poll_and_page_through_results() {
     assert!(token.starts_with("00D") && token.contains('!'), "{token}");
     assert_eq!(body["instance_url"], running.base_url());
     assert_eq!(body["token_type"], "Bearer");
-    assert_eq!(
-        body["issued_at"],
-        sandbox.now().timestamp_millis().to_string()
-    );
+    assert_eq!(body["issued_at"], sandbox.now().timestamp_millis().to_string());
     assert!(body.get("expires_in").is_none() && body.get("refresh_token").is_none());
 
     // Query job lifecycle.
@@ -193,10 +150,7 @@ async fn token_create_poll_and_page_through_results() {
     )
     .await;
     assert_eq!(response.status(), 200);
-    let limit_info = response.headers()["sforce-limit-info"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let limit_info = response.headers()["sforce-limit-info"].to_str().unwrap().to_owned();
     assert!(limit_info.starts_with("api-usage=") && limit_info.ends_with("/15000"));
     let created: Json = response.json().await.unwrap();
     assert_eq!(created["state"], "UploadComplete");
@@ -208,52 +162,23 @@ async fn token_create_poll_and_page_through_results() {
     assert!(id.starts_with("750") && id.len() == 18, "{id}");
 
     let results_url = format!("{}/{id}/results", jobs_url(&running));
-    let early = client
-        .get(&results_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let early = client.get(&results_url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(error_code(early).await.1, "INVALIDJOBSTATE");
 
     let job_url = format!("{}/{id}", jobs_url(&running));
-    let first: Json = client
-        .get(&job_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: Json = client.get(&job_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(first["state"], "InProgress");
-    let second: Json = client
-        .get(&job_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let second: Json = client.get(&job_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(second["state"], "JobComplete");
     assert_eq!(second["jobType"], "V2Query");
     assert_eq!(second["numberRecordsProcessed"], 250);
 
     let (pages, counts) = all_pages(&client, &running, &token, &id, Some(100)).await;
     assert_eq!(counts, [100, 100, 50]);
-    let expected_header: Vec<String> = [
-        "Id",
-        "Name",
-        "Description",
-        "BillingCity",
-        "BillingPostalCode",
-        "AnnualRevenue",
-        "CreatedDate",
-        "IsDeleted",
-    ]
-    .map(String::from)
-    .to_vec();
+    let expected_header: Vec<String> =
+        ["Id", "Name", "Description", "BillingCity", "BillingPostalCode", "AnnualRevenue", "CreatedDate", "IsDeleted"]
+            .map(String::from)
+            .to_vec();
     let mut rows = Vec::new();
     for (page, count) in pages.iter().zip(&counts) {
         assert!(page.starts_with("\"Id\",\"Name\",\"Description\""));
@@ -271,39 +196,17 @@ async fn token_create_poll_and_page_through_results() {
             assert_eq!(value, &stored.unwrap_or_default(), "{name}");
         }
     }
-    assert!(
-        rows.iter()
-            .any(|r| r[2].contains('\n') && r[2].contains('"'))
-    );
+    assert!(rows.iter().any(|r| r[2].contains('\n') && r[2].contains('"')));
     assert!(rows.iter().any(|r| r[2] == "NA"));
 
     // Locators are stable: the second page again.
-    let again = client
-        .get(&results_url)
-        .bearer_auth(&token)
-        .query(&[("maxRecords", "100")])
-        .send()
-        .await
-        .unwrap();
-    let locator = again.headers()["sforce-locator"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let again = client.get(&results_url).bearer_auth(&token).query(&[("maxRecords", "100")]).send().await.unwrap();
+    let locator = again.headers()["sforce-locator"].to_str().unwrap().to_owned();
     let page2 = |l: String| {
-        client
-            .get(&results_url)
-            .bearer_auth(&token)
-            .query(&[("maxRecords", "100".to_owned()), ("locator", l)])
-            .send()
+        client.get(&results_url).bearer_auth(&token).query(&[("maxRecords", "100".to_owned()), ("locator", l)]).send()
     };
-    assert_eq!(
-        page2(locator.clone()).await.unwrap().text().await.unwrap(),
-        pages[1]
-    );
-    assert_eq!(
-        page2(locator).await.unwrap().text().await.unwrap(),
-        pages[1]
-    );
+    assert_eq!(page2(locator.clone()).await.unwrap().text().await.unwrap(), pages[1]);
+    assert_eq!(page2(locator).await.unwrap().text().await.unwrap(), pages[1]);
 
     // Default page size: one page, locator null.
     let (pages, counts) = all_pages(&client, &running, &token, &id, None).await;
@@ -311,10 +214,7 @@ async fn token_create_poll_and_page_through_results() {
 
     // A different API version for results is a conflict.
     let other = client
-        .get(format!(
-            "{}/services/data/v61.0/jobs/query/{id}/results",
-            running.base_url()
-        ))
+        .get(format!("{}/services/data/v61.0/jobs/query/{id}/results", running.base_url()))
         .bearer_auth(&token)
         .send()
         .await
@@ -322,38 +222,15 @@ async fn token_create_poll_and_page_through_results() {
     assert_eq!(other.status(), 409);
 
     // Completed jobs can't be aborted; they can be deleted, then they're gone.
-    let abort = client
-        .patch(&job_url)
-        .bearer_auth(&token)
-        .json(&json!({"state": "Aborted"}))
-        .send()
-        .await
-        .unwrap();
+    let abort = client.patch(&job_url).bearer_auth(&token).json(&json!({"state": "Aborted"})).send().await.unwrap();
     let (status, code, message) = error_code(abort).await;
     assert_eq!((status, code.as_str()), (400, "INVALIDJOBSTATE"));
     assert_eq!(message, "Aborting already Completed Job not allowed");
-    let deleted = client
-        .delete(&job_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let deleted = client.delete(&job_url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(deleted.status(), 204);
     assert!(deleted.bytes().await.unwrap().is_empty());
-    let gone = client
-        .get(&job_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        error_code(gone).await,
-        (
-            404,
-            "NOT_FOUND".into(),
-            "The requested resource does not exist".into()
-        )
-    );
+    let gone = client.get(&job_url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(error_code(gone).await, (404, "NOT_FOUND".into(), "The requested resource does not exist".into()));
 
     running.shutdown().await;
 }
@@ -369,25 +246,11 @@ async fn auth_errors_and_headers() {
         ]
     };
     for (fields, expected) in [
-        (
-            form("nightjar-sandbox", "wrong", "client_credentials"),
-            "invalid_client",
-        ),
-        (
-            form("someone", "sandbox-secret", "client_credentials"),
-            "invalid_client_id",
-        ),
-        (
-            form("nightjar-sandbox", "sandbox-secret", "password"),
-            "unsupported_grant_type",
-        ),
+        (form("nightjar-sandbox", "wrong", "client_credentials"), "invalid_client"),
+        (form("someone", "sandbox-secret", "client_credentials"), "invalid_client_id"),
+        (form("nightjar-sandbox", "sandbox-secret", "password"), "unsupported_grant_type"),
     ] {
-        let response = client
-            .post(running.token_url())
-            .form(&fields)
-            .send()
-            .await
-            .unwrap();
+        let response = client.post(running.token_url()).form(&fields).send().await.unwrap();
         assert_eq!(response.status(), 400);
         let body: Json = response.json().await.unwrap();
         assert_eq!(body["error"], expected);
@@ -402,20 +265,8 @@ async fn auth_errors_and_headers() {
     assert_eq!(basic.status(), 200);
 
     let no_token = client.get(jobs_url(&running)).send().await.unwrap();
-    assert_eq!(
-        error_code(no_token).await,
-        (
-            401,
-            "INVALID_SESSION_ID".into(),
-            "Session expired or invalid".into()
-        )
-    );
-    let bad_token = client
-        .get(jobs_url(&running))
-        .bearer_auth("00D!nope")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(error_code(no_token).await, (401, "INVALID_SESSION_ID".into(), "Session expired or invalid".into()));
+    let bad_token = client.get(jobs_url(&running)).bearer_auth("00D!nope").send().await.unwrap();
     assert_eq!(bad_token.status(), 401);
 
     // The Date header follows the sandbox clock, not the wall clock.
@@ -429,19 +280,13 @@ async fn auth_errors_and_headers() {
         .unwrap();
     assert_eq!(limits.headers()["date"], "Sat, 31 Jan 2026 01:02:03 GMT");
     assert_eq!(limits.headers()["date"], http_date(sandbox.now()).as_str());
-    let usage = limits.headers()["sforce-limit-info"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let usage = limits.headers()["sforce-limit-info"].to_str().unwrap().to_owned();
     assert_eq!(usage, "api-usage=3/15000");
     let body: Json = limits.json().await.unwrap();
     assert_eq!(body["DailyApiRequests"]["Remaining"], 15000 - 3);
 
     let describe: Json = client
-        .get(format!(
-            "{}/services/data/{V}/sobjects/account/describe",
-            running.base_url()
-        ))
+        .get(format!("{}/services/data/{V}/sobjects/account/describe", running.base_url()))
         .bearer_auth(&token)
         .send()
         .await
@@ -451,48 +296,27 @@ async fn auth_errors_and_headers() {
         .unwrap();
     let fields = describe["fields"].as_array().unwrap();
     assert_eq!(fields.len(), sandbox.field_names("Account").unwrap().len());
-    let modstamp = fields
-        .iter()
-        .find(|f| f["name"] == "SystemModstamp")
-        .unwrap();
-    assert_eq!(
-        (&modstamp["type"], &modstamp["soapType"]),
-        (&json!("datetime"), &json!("xsd:dateTime"))
-    );
+    let modstamp = fields.iter().find(|f| f["name"] == "SystemModstamp").unwrap();
+    assert_eq!((&modstamp["type"], &modstamp["soapType"]), (&json!("datetime"), &json!("xsd:dateTime")));
     let unknown = client
-        .get(format!(
-            "{}/services/data/{V}/sobjects/Nope/describe",
-            running.base_url()
-        ))
+        .get(format!("{}/services/data/{V}/sobjects/Nope/describe", running.base_url()))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
 
-    let missing = client
-        .get(format!("{}/nowhere", running.base_url()))
-        .send()
-        .await
-        .unwrap();
+    let missing = client.get(format!("{}/nowhere", running.base_url())).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     assert!(missing.headers().contains_key("date"));
     let bad_version = client
-        .get(format!(
-            "{}/services/data/62/jobs/query",
-            running.base_url()
-        ))
+        .get(format!("{}/services/data/62/jobs/query", running.base_url()))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_eq!(bad_version.status(), 404);
-    let wrong_method = client
-        .put(jobs_url(&running))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let wrong_method = client.put(jobs_url(&running)).bearer_auth(&token).send().await.unwrap();
     assert_eq!(wrong_method.status(), 405);
 
     let log = sandbox.request_log();
@@ -512,13 +336,7 @@ async fn create_errors_options_snapshots_and_faults() {
         ("SELECT Id FROM Foo", "INVALID_TYPE"),
         ("SELECT Id FROM Account WHERE", "MALFORMED_QUERY"),
     ] {
-        let response = create(
-            &client,
-            &running,
-            &token,
-            json!({"operation": "query", "query": query}),
-        )
-        .await;
+        let response = create(&client, &running, &token, json!({"operation": "query", "query": query})).await;
         let (status, got, message) = error_code(response).await;
         assert_eq!((status, got.as_str()), (400, code), "{query}: {message}");
     }
@@ -532,10 +350,7 @@ async fn create_errors_options_snapshots_and_faults() {
         .unwrap();
     let (status, code, message) = error_code(bad_json).await;
     assert_eq!((status, code.as_str()), (400, "API_ERROR"));
-    assert!(
-        message.starts_with("Value does not match expected type at [line:1, column:"),
-        "{message}"
-    );
+    assert!(message.starts_with("Value does not match expected type at [line:1, column:"), "{message}");
     let bad_option = create(
         &client,
         &running,
@@ -571,33 +386,18 @@ async fn create_errors_options_snapshots_and_faults() {
         json!({"operation": op, "query":
             "SELECT Id, Name, IsDeleted FROM Account WHERE SystemModstamp >= 2026-01-01T00:00:00Z"})
     };
-    let before: Json = create(&client, &running, &token, window("queryAll"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let before: Json = create(&client, &running, &token, window("queryAll")).await.json().await.unwrap();
     sandbox.advance_clock(Duration::from_secs(60));
     let changed = sandbox.update_records("Account", 4).unwrap();
     sandbox.delete_records("Account", &changed[..1]).unwrap();
-    let live: Json = create(&client, &running, &token, window("query"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let all: Json = create(&client, &running, &token, window("queryAll"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let live: Json = create(&client, &running, &token, window("query")).await.json().await.unwrap();
+    let all: Json = create(&client, &running, &token, window("queryAll")).await.json().await.unwrap();
     let mut counts = Vec::new();
     for job in [&before, &live, &all] {
         let id = job["id"].as_str().unwrap();
         let info = poll_to_end(&client, &running, &token, id).await;
         let (pages, page_counts) = all_pages(&client, &running, &token, id, Some(2)).await;
-        assert_eq!(
-            info["numberRecordsProcessed"],
-            page_counts.iter().sum::<usize>()
-        );
+        assert_eq!(info["numberRecordsProcessed"], page_counts.iter().sum::<usize>());
         counts.push(page_counts.iter().sum::<usize>());
         if job == &before {
             // Empty result: header-only body, count 0, locator null.
@@ -605,11 +405,7 @@ async fn create_errors_options_snapshots_and_faults() {
             assert_eq!(page_counts, [0]);
         }
         if job == &all {
-            let deleted: Vec<_> = pages
-                .iter()
-                .flat_map(|p| parse_csv(p, b',').1)
-                .filter(|r| r[2] == "true")
-                .collect();
+            let deleted: Vec<_> = pages.iter().flat_map(|p| parse_csv(p, b',').1).filter(|r| r[2] == "true").collect();
             assert_eq!(deleted.len(), 1);
             assert_eq!(deleted[0][0], changed[0]);
         }
@@ -618,39 +414,18 @@ async fn create_errors_options_snapshots_and_faults() {
 
     // Fault injection: the next job fails with the given message.
     sandbox.fail_next_query_jobs(1, "Unexpected exception encountered in query processing.");
-    let failing: Json = create(&client, &running, &token, window("query"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let failing: Json = create(&client, &running, &token, window("query")).await.json().await.unwrap();
     let id = failing["id"].as_str().unwrap().to_owned();
     let info = poll_to_end(&client, &running, &token, &id).await;
     assert_eq!(info["state"], "Failed");
-    assert_eq!(
-        info["errorMessage"],
-        "Unexpected exception encountered in query processing."
-    );
-    let results = client
-        .get(format!("{}/{id}/results", jobs_url(&running)))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(info["errorMessage"], "Unexpected exception encountered in query processing.");
+    let results = client.get(format!("{}/{id}/results", jobs_url(&running))).bearer_auth(&token).send().await.unwrap();
     assert_eq!(error_code(results).await.1, "INVALIDJOBSTATE");
 
     // Abort before completion; deleting before a terminal state is refused.
-    let pending: Json = create(&client, &running, &token, window("query"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let pending: Json = create(&client, &running, &token, window("query")).await.json().await.unwrap();
     let job_url = format!("{}/{}", jobs_url(&running), pending["id"].as_str().unwrap());
-    let refused = client
-        .delete(&job_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let refused = client.delete(&job_url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(error_code(refused).await.1, "API_ERROR");
     let aborted: Json = client
         .patch(&job_url)
@@ -665,26 +440,9 @@ async fn create_errors_options_snapshots_and_faults() {
     assert_eq!(aborted["state"], "Aborted");
     let polled = poll_to_end(&client, &running, &token, pending["id"].as_str().unwrap()).await;
     assert_eq!(polled["state"], "Aborted");
-    assert_eq!(
-        client
-            .delete(&job_url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(client.delete(&job_url).bearer_auth(&token).send().await.unwrap().status(), 204);
 
-    let list: Json = client
-        .get(jobs_url(&running))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Json = client.get(jobs_url(&running)).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["done"], true);
     assert_eq!(list["records"].as_array().unwrap().len(), 5);
     running.shutdown().await;
