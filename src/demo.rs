@@ -17,9 +17,10 @@ use crate::state::{HistoryFilter, RunStatus, StateError, StateStore};
 
 /// Records the demo's sandbox starts with, per object.
 pub const DEMO_RECORDS: usize = 2_500;
-/// Records the demo changes, and adds, between the two runs.
+/// Records the demo changes, adds and deletes between the two runs.
 pub const DEMO_UPDATES: usize = 25;
 pub const DEMO_INSERTS: usize = 10;
+pub const DEMO_DELETES: usize = 5;
 
 #[derive(Debug, Error)]
 pub enum DemoError {
@@ -46,6 +47,7 @@ pub struct DemoSummary {
     pub second: Vec<RunReport>,
     pub updated_ids: Vec<String>,
     pub inserted_ids: Vec<String>,
+    pub deleted_ids: Vec<String>,
 }
 
 pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write) -> Result<DemoSummary, DemoError> {
@@ -117,11 +119,20 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     let object = objects.iter().next().cloned().unwrap_or_default();
     let updated_ids = sandbox.update_records(&object, DEMO_UPDATES)?;
     let inserted_ids = sandbox.insert_records(&object, DEMO_INSERTS)?;
+    // Delete records the demo did not just change, so each count tells one story.
+    let deleted_ids: Vec<String> = sandbox
+        .records(&object)?
+        .into_iter()
+        .filter_map(|r| r.into_iter().find(|(k, _)| k == "Id").and_then(|(_, v)| v))
+        .filter(|id| !updated_ids.contains(id) && !inserted_ids.contains(id))
+        .take(DEMO_DELETES)
+        .collect();
+    sandbox.delete_records(&object, &deleted_ids)?;
     let settle = project.jobs.values().map(|j| j.spec.source.settle).max().unwrap_or_default();
     sandbox.advance_clock(settle + Duration::from_secs(60));
     writeln!(
         out,
-        "\nsandbox: changed {DEMO_UPDATES} and added {DEMO_INSERTS} {object} records; its clock moved {} past settle",
+        "\nsandbox: changed {DEMO_UPDATES}, added {DEMO_INSERTS} and deleted {DEMO_DELETES} {object} records; its clock moved {} past settle",
         humantime::format_duration(Duration::from_secs(60))
     )?;
 
@@ -131,7 +142,7 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     let runs = state.history(&HistoryFilter { min_id: Some(first_id), ..Default::default() })?;
     writeln!(out, "\nhistory (nightjar history):\n{}", history_table(&runs))?;
     running.shutdown().await;
-    Ok(DemoSummary { first, second, updated_ids, inserted_ids })
+    Ok(DemoSummary { first, second, updated_ids, inserted_ids, deleted_ids })
 }
 
 async fn run_all(project: &Project, state: &StateStore, out: &mut dyn Write) -> Result<Vec<RunReport>, DemoError> {
@@ -148,7 +159,7 @@ async fn run_all(project: &Project, state: &StateStore, out: &mut dyn Write) -> 
         let c = &report.counts;
         writeln!(
             out,
-            "  run {} {}: {} — extracted {} rows in {} pages; inserted {}, updated {}, unchanged {}, rejected {}",
+            "  run {} {}: {} — extracted {} rows in {} page(s); inserted {}, updated {}, deleted {}, unchanged {}, rejected {}",
             report.run_id,
             report.job,
             report.status.as_str(),
@@ -156,6 +167,7 @@ async fn run_all(project: &Project, state: &StateStore, out: &mut dyn Write) -> 
             c.pages,
             c.inserted,
             c.updated,
+            c.deleted,
             c.unchanged,
             c.rejected
         )?;

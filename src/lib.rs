@@ -6,6 +6,7 @@
 //! `sandbox` (the local Salesforce emulator). `commands` holds what the CLI
 //! prints; `demo` is the guided tour.
 
+pub mod alert;
 pub mod commands;
 pub mod config;
 pub mod demo;

@@ -12,7 +12,7 @@ use nightjar::commands::{history_table, run_details};
 use nightjar::config::{ConfigError, Project};
 use nightjar::run::run_job;
 use nightjar::sandbox::{Sandbox, SandboxConfig};
-use nightjar::state::{HistoryFilter, RunStatus, StateStore};
+use nightjar::state::{HistoryFilter, OutboxFilter, OutboxStatus, RunStatus, StateStore};
 
 /// Exit code for configuration errors (DESIGN.md).
 const EXIT_CONFIG: u8 = 2;
@@ -70,7 +70,23 @@ enum Command {
         json: bool,
     },
     /// Check every config, job and mapping file; errors as file:line:col.
-    Validate,
+    Validate {
+        /// Also log in to each Salesforce connection and check that every
+        /// job's object and fields exist (via describe).
+        #[arg(long)]
+        online: bool,
+    },
+    /// Log in to Salesforce connections: API version, limits left, and
+    /// whether each job's object and fields exist; exit 1 on any problem.
+    Check {
+        /// Only this connection (default: every Salesforce connection).
+        connection: Option<String>,
+    },
+    /// OAuth logins for `auth = "refresh_token"` connections.
+    Auth {
+        #[command(subcommand)]
+        action: AuthAction,
+    },
     /// Run the local Salesforce emulator.
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8178")]
@@ -78,9 +94,55 @@ enum Command {
         /// Objects to generate, e.g. Account=1000 (repeatable).
         #[arg(long = "generate", value_name = "OBJ=N")]
         generate: Vec<String>,
+        /// Faults to inject, e.g. 'http:code=503,on=results,times=2;expire-session:on=poll'
+        /// (grammar: src/sandbox/faults.rs).
+        #[arg(long, value_name = "SPEC")]
+        faults: Option<String>,
+        /// PEM public key that JWT bearer assertions must verify against.
+        #[arg(long, value_name = "FILE")]
+        jwt_public_key: Option<PathBuf>,
     },
     /// Run the example jobs against an in-process sandbox, twice, and show the history.
     Demo,
+    /// The alert outbox (pending, sent, failed emails), newest first.
+    Alerts {
+        #[command(subcommand)]
+        action: Option<AlertsAction>,
+        #[arg(long)]
+        job: Option<String>,
+        /// pending | sent | failed
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthAction {
+    /// The OAuth web-server flow with PKCE: open the printed URL, log in,
+    /// and the refresh token is stored in the state DB (never printed).
+    Login {
+        connection: String,
+        /// Loopback port of the redirect URI `http://localhost:PORT/oauth/callback`,
+        /// which must be registered as a callback URL of the connected app.
+        #[arg(long, default_value_t = 1717)]
+        port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum AlertsAction {
+    /// Send a test email now, to check the [smtp] settings.
+    Test {
+        /// Recipient (repeatable); default: [alerts].email.
+        #[arg(long)]
+        to: Vec<String>,
+    },
+    /// Try every pending email in the outbox once, now, whatever its backoff.
+    Send,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +168,71 @@ fn main() -> ExitCode {
     }
 }
 
+async fn alerts_command(
+    config: &std::path::Path,
+    state_path: &Option<PathBuf>,
+    action: Option<AlertsAction>,
+    job: Option<String>,
+    status: Option<String>,
+    limit: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    match action {
+        Some(AlertsAction::Test { to }) => {
+            let project = Project::load(config)?;
+            let sent_to = nightjar::alert::send_test(&project, &to).await?;
+            println!("test email sent to {}", sent_to.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(AlertsAction::Send) => {
+            let project = Project::load(config)?;
+            let state = open_state(state_path, Some(&project))?;
+            let mailer = nightjar::alert::mailer(&project)?;
+            let policy = nightjar::alert::RetryPolicy::default();
+            let done = nightjar::alert::deliver_pending_now(&state, &mailer, &policy).await?;
+            println!("alerts: {} sent, {} to retry, {} given up", done.sent, done.retrying, done.given_up);
+            if let Some(e) = &done.last_error {
+                eprintln!("alerts: last error: {e}");
+            }
+            Ok(if done.retrying + done.given_up > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        None => {
+            let project = if state_path.is_none() { Some(Project::load(config)?) } else { None };
+            let state = open_state(state_path, project.as_ref())?;
+            let status = match status {
+                Some(s) => Some(
+                    OutboxStatus::parse(&s)
+                        .with_context(|| format!("unknown status `{s}`; use pending, sent or failed"))?,
+                ),
+                None => None,
+            };
+            let entries = state.outbox(&OutboxFilter { job, status, limit: Some(limit) })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                println!("no alerts yet");
+            } else {
+                println!("{}", nightjar::alert::outbox_table(&entries));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// After `nightjar run`: one delivery try for what the runs queued; what
+/// fails stays in the outbox for the next sender (`serve`, `alerts send`).
+async fn deliver_alerts_once(project: &Project, state: &StateStore) {
+    match nightjar::alert::deliver_once(project, state).await {
+        Ok(Some(done)) if done.retrying + done.given_up > 0 => eprintln!(
+            "alerts: {} email(s) not sent yet ({}); they stay in the outbox, see `nightjar alerts`",
+            done.retrying + done.given_up,
+            done.last_error.as_deref().unwrap_or("unknown error")
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("alerts: cannot deliver the outbox now ({e}); see `nightjar alerts`"),
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -127,8 +254,15 @@ fn open_state(cli_state: &Option<PathBuf>, project: Option<&Project>) -> Result<
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Validate => {
+        Command::Validate { online } => {
             let project = Project::load(&cli.config)?;
+            if online {
+                let state = open_state(&cli.state, Some(&project)).ok();
+                let diags = nightjar::salesforce::validate_online(&project, state.as_ref()).await?;
+                if !diags.is_empty() {
+                    return Err(ConfigError::Invalid(diags).into());
+                }
+            }
             println!(
                 "{}: ok ({} job(s): {})",
                 cli.config.display(),
@@ -157,8 +291,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 let c = &report.counts;
                 match &report.error {
                     None => eprintln!(
-                        "run {} {}: succeeded — extracted {}, inserted {}, updated {}, unchanged {}, rejected {}",
-                        report.run_id, name, c.extracted, c.inserted, c.updated, c.unchanged, c.rejected
+                        "run {} {}: succeeded — extracted {}, inserted {}, updated {}, deleted {}, unchanged {}, rejected {}",
+                        report.run_id, name, c.extracted, c.inserted, c.updated, c.deleted, c.unchanged, c.rejected
                     ),
                     Some(e) => {
                         failed = true;
@@ -166,6 +300,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
+            deliver_alerts_once(&project, &state).await;
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::History { job, status, limit, json } => {
@@ -200,12 +335,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sandbox { listen, generate } => {
+        Command::Sandbox { listen, generate, faults, jwt_public_key } => {
             let mut config = SandboxConfig::default();
             for spec in &generate {
                 config.objects.push(SandboxConfig::parse_generate(spec)?);
             }
+            if let Some(path) = &jwt_public_key {
+                config.jwt_public_key_pem =
+                    Some(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?);
+            }
             let sandbox = Sandbox::new(config.clone())?;
+            if let Some(spec) = &faults {
+                sandbox.add_faults(spec)?;
+                println!("sandbox: injecting faults: {spec}");
+            }
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             let addr = listener.local_addr()?;
@@ -217,6 +360,41 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 served = sandbox.serve(listener) => served?,
                 _ = tokio::signal::ctrl_c() => {}
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Alerts { action, job, status, limit, json } => {
+            alerts_command(&cli.config, &cli.state, action, job, status, limit, json).await
+        }
+        Command::Check { connection } => {
+            let project = Project::load(&cli.config)?;
+            let state = open_state(&cli.state, Some(&project)).ok();
+            let report = nightjar::salesforce::check(&project, connection.as_deref(), state.as_ref()).await;
+            for line in &report.lines {
+                println!("{line}");
+            }
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Auth { action: AuthAction::Login { connection, port } } => {
+            let project = Project::load(&cli.config)?;
+            let Some(nightjar::config::Connection::Salesforce(conn)) = project.connection(&connection) else {
+                anyhow::bail!("no Salesforce connection named `{connection}` in {}", cli.config.display());
+            };
+            let state = open_state(&cli.state, Some(&project))?;
+            let outcome = nightjar::salesforce::login_with_browser(&connection, conn, port, |url| {
+                eprintln!("Open this URL in a browser and log in to `{connection}`:\n\n  {url}\n");
+            })
+            .await?;
+            state.store_refresh_token(
+                &connection,
+                &outcome.refresh_token,
+                &outcome.instance_url,
+                chrono::Utc::now(),
+            )?;
+            eprintln!(
+                "logged in to `{connection}` ({}); the refresh token is stored in {} (mode 0600)",
+                outcome.instance_url,
+                state.path().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {

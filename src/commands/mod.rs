@@ -55,6 +55,7 @@ pub fn history_table(runs: &[RunRecord]) -> String {
             count(r.counts.extracted),
             count(r.counts.inserted),
             count(r.counts.updated),
+            count(r.counts.deleted),
             count(r.counts.unchanged),
             count(r.counts.rejected),
             error,

@@ -131,6 +131,7 @@ impl Project {
             check_job(job, &global, &mut diags);
         }
         check_connections(&global_file, &global, &mut diags);
+        check_alerts(&global_file, &global, &jobs, &mut diags);
         if diags.is_empty() {
             Ok(Project { root, config_file: config_file.to_path_buf(), global, jobs })
         } else {
@@ -239,6 +240,53 @@ fn check_connections(file: &SourceFile, global: &GlobalConfig, diags: &mut Vec<D
     }
 }
 
+/// `[smtp]`, `[alerts]` and each job's `[alerts]`: addresses parse, and
+/// whoever asks for email has an SMTP server to send it through.
+fn check_alerts(file: &SourceFile, global: &GlobalConfig, jobs: &BTreeMap<String, Job>, diags: &mut Vec<Diagnostic>) {
+    let check_address = |f: &SourceFile, a: &toml::Spanned<EnvString>, diags: &mut Vec<Diagnostic>| {
+        if let Err(e) = a.get_ref().as_str().parse::<lettre::message::Mailbox>() {
+            diags.push(at(
+                f,
+                a.span(),
+                format!(
+                    "`{}` is not an email address ({e}); write `name@example.com` or `Name <name@example.com>`",
+                    a.get_ref()
+                ),
+            ));
+        }
+    };
+    if let Some(smtp) = &global.smtp {
+        check_address(file, &smtp.from, diags);
+        if smtp.host.as_str().trim().is_empty() {
+            diags.push(at(file, smtp.from.span(), "[smtp] `host` is empty".into()));
+        }
+        if let Some(user) = &smtp.username
+            && smtp.password.is_none()
+        {
+            diags.push(at(
+                file,
+                user.span(),
+                "[smtp] `username` is set but `password` is not; set both or neither".into(),
+            ));
+        }
+    }
+    let no_smtp = "an email address is set but nightjar.toml has no [smtp] section to send it through";
+    for address in global.alerts.iter().flat_map(|a| &a.email) {
+        check_address(file, address, diags);
+        if global.smtp.is_none() {
+            diags.push(at(file, address.span(), no_smtp.into()));
+        }
+    }
+    for job in jobs.values() {
+        for address in job.spec.alerts.iter().flat_map(|a| &a.email) {
+            check_address(&job.file, address, diags);
+            if global.smtp.is_none() {
+                diags.push(at(&job.file, address.span(), no_smtp.into()));
+            }
+        }
+    }
+}
+
 /// Cross-file checks for one job: connections exist and fit, and the mapping
 /// only uses fields the job extracts.
 fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
@@ -249,11 +297,6 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
     let source_conn = spec.source.connection.get_ref();
     match global.connections.get(source_conn).map(|c| c.get_ref()) {
         None => diags.push(at(jf, spec.source.connection.span(), unknown_connection(source_conn, global))),
-        Some(Connection::Salesforce(sf)) if sf.auth != AuthFlow::ClientCredentials => diags.push(at(
-            jf,
-            spec.source.connection.span(),
-            format!("connection `{source_conn}` uses an auth flow this build cannot run yet; use `client_credentials`"),
-        )),
         Some(Connection::Salesforce(_)) => {}
         Some(other) => diags.push(at(
             jf,
@@ -268,18 +311,32 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
     let target_conn = spec.target.connection.get_ref();
     match global.connections.get(target_conn).map(|c| c.get_ref()) {
         None => diags.push(at(jf, spec.target.connection.span(), unknown_connection(target_conn, global))),
-        Some(Connection::Sqlite(_)) => {}
+        Some(Connection::Sqlite(_) | Connection::Postgres(_) | Connection::Files(_)) => {}
         Some(other) => diags.push(at(
             jf,
             spec.target.connection.span(),
             format!(
-                "connection `{target_conn}` is a {} connection; this build loads into `kind = \"sqlite\"` targets only",
+                "connection `{target_conn}` is a {} connection; a target must be `sqlite`, `postgres` or `files`",
                 other.kind()
             ),
         )),
     }
 
     let fields: Vec<&str> = spec.source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
+    // Deletes are only seen through queryAll's IsDeleted flag.
+    if spec.target.deletes != DeleteMode::Ignore {
+        let has_flag = fields.iter().any(|f| f.eq_ignore_ascii_case("IsDeleted"));
+        if !spec.source.include_deleted || !has_flag {
+            diags.push(at(
+                jf,
+                spec.target.table.span(),
+                format!(
+                    "`deletes = \"{}\"` needs `include_deleted = true` and `IsDeleted` in `fields` under [source], or `deletes = \"ignore\"`",
+                    if spec.target.deletes == DeleteMode::Soft { "soft" } else { "hard" }
+                ),
+            ));
+        }
+    }
     if fields.is_empty() {
         diags.push(at(
             jf,

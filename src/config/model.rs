@@ -89,22 +89,71 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
     pub host: EnvString,
+    /// Defaults by `security`: 25, 587 or 465.
     pub port: Option<u16>,
-    pub security: Option<String>,
-    pub username: Option<EnvString>,
+    #[serde(default)]
+    pub security: SmtpSecurity,
+    pub username: Option<Spanned<EnvString>>,
     pub password: Option<Secret>,
-    pub from: EnvString,
+    pub from: Spanned<EnvString>,
+}
+
+/// How the SMTP connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// Plain text; only for a relay on the same host or network.
+    None,
+    /// Plain connect, then STARTTLS, required (not opportunistic).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Tls,
+}
+
+impl SmtpSecurity {
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpSecurity::None => 25,
+            SmtpSecurity::Starttls => 587,
+            SmtpSecurity::Tls => 465,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     #[serde(default)]
-    pub email: Vec<EnvString>,
-    #[serde(default)]
-    pub on: Vec<String>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub repeat_after: Option<Duration>,
+    pub email: Vec<Spanned<EnvString>>,
+    #[serde(default = "AlertsConfig::default_on")]
+    pub on: Vec<AlertOn>,
+    /// While a job keeps failing, at most one email per this interval.
+    #[serde(default = "AlertsConfig::default_repeat_after", deserialize_with = "de_duration")]
+    pub repeat_after: Duration,
+}
+
+impl AlertsConfig {
+    fn default_on() -> Vec<AlertOn> {
+        vec![AlertOn::Failure, AlertOn::Recovery]
+    }
+    fn default_repeat_after() -> Duration {
+        Duration::from_secs(6 * 3600)
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig { email: Vec::new(), on: Self::default_on(), repeat_after: Self::default_repeat_after() }
+    }
+}
+
+/// Which events send email.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertOn {
+    Failure,
+    Recovery,
 }
 
 /// A named endpoint: a Salesforce org to extract from, or a place to load into.
@@ -145,6 +194,9 @@ pub struct SalesforceConnection {
     pub client_secret: Option<Secret>,
     pub username: Option<EnvString>,
     pub private_key_file: Option<EnvString>,
+    /// For `auth = "refresh_token"`; when absent, the token `nightjar auth
+    /// login` stored in the state DB is used.
+    pub refresh_token: Option<Secret>,
     #[serde(default = "SalesforceConnection::default_api_version")]
     pub api_version: String,
     #[serde(default = "SalesforceConnection::default_max_concurrent_jobs")]
@@ -295,7 +347,7 @@ pub struct TargetSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobAlerts {
     #[serde(default)]
-    pub email: Vec<EnvString>,
+    pub email: Vec<Spanned<EnvString>>,
 }
 
 // ---------------------------------------------------------------- mappings/NAME.toml

@@ -2,6 +2,8 @@
 //! then merges them in ONE transaction, so a failed or killed run leaves the
 //! target exactly as it was, and a repeated window changes nothing.
 
+mod files;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -9,15 +11,40 @@ use polars::prelude::*;
 use serde::Serialize;
 use thiserror::Error;
 
+pub use files::FilesTarget;
+pub use postgres::PostgresTarget;
 pub use sqlite::SqliteTarget;
 
-use crate::config::{Connection, Job, Project};
+use crate::config::{Connection, DeleteMode, Job, Project, SchemaEvolution};
 use crate::state::RunId;
-use crate::transform::TargetSchema;
+use crate::transform::{ColumnType, TargetColumn, TargetSchema};
 
 /// Bookkeeping columns every target table gets.
 pub const RUN_ID_COLUMN: &str = "_nightjar_run_id";
 pub const LOADED_AT_COLUMN: &str = "_nightjar_loaded_at";
+/// Soft-delete flag, present when the job's `deletes = "soft"`.
+pub const SOFT_DELETE_COLUMN: &str = "_deleted";
+
+/// How the job wants its target table treated.
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    pub table: String,
+    pub create: bool,
+    pub deletes: DeleteMode,
+    pub schema_evolution: SchemaEvolution,
+}
+
+impl TargetOptions {
+    pub fn for_job(job: &Job) -> TargetOptions {
+        let t = &job.spec.target;
+        TargetOptions {
+            table: t.table.get_ref().clone(),
+            create: t.create,
+            deletes: t.deletes,
+            schema_evolution: t.schema_evolution,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -31,13 +58,18 @@ pub enum LoadError {
     Unsupported { target: String, message: String },
     #[error("target {target}: {stage} called out of order (after a commit or abort)")]
     OutOfOrder { target: String, stage: &'static str },
+    #[error("target {target}: {message}; check the connection's url, that the server runs, and the user's rights")]
+    Connect { target: String, message: String },
+    #[error("target {target}: {message}")]
+    Postgres { target: String, message: String },
 }
 
 impl LoadError {
     pub fn class(&self) -> &'static str {
         match self {
             LoadError::Schema { .. } => "schema_drift",
-            LoadError::Sqlite { .. } => "target_constraint",
+            LoadError::Sqlite { .. } | LoadError::Postgres { .. } => "target_constraint",
+            LoadError::Connect { .. } => "network",
             _ => "target",
         }
     }
@@ -68,18 +100,95 @@ pub trait Target: Send {
 }
 
 /// Opens the job's target.
-pub fn open_target(project: &Project, job: &Job) -> Result<Box<dyn Target>, LoadError> {
-    let spec = &job.spec.target;
-    let name = spec.connection.get_ref();
+pub async fn open_target(project: &Project, job: &Job) -> Result<Box<dyn Target>, LoadError> {
+    let options = TargetOptions::for_job(job);
+    let name = job.spec.target.connection.get_ref();
     match project.connection(name) {
-        Some(Connection::Sqlite(c)) => {
-            Ok(Box::new(SqliteTarget::open(&project.resolve(c.path.as_str()), spec.table.get_ref(), spec.create)?))
+        Some(Connection::Sqlite(c)) => Ok(Box::new(SqliteTarget::open(&project.resolve(c.path.as_str()), options)?)),
+        Some(Connection::Postgres(c)) => Ok(Box::new(PostgresTarget::connect(name, c.url.expose(), options).await?)),
+        Some(Connection::Files(c)) => {
+            Ok(Box::new(FilesTarget::open(&project.resolve(c.path.as_str()), c.format, options)?))
         }
         Some(other) => Err(LoadError::Unsupported {
             target: name.clone(),
             message: format!("{} targets are not supported by this build yet", other.kind()),
         }),
         None => Err(LoadError::Unsupported { target: name.clone(), message: "unknown connection".into() }),
+    }
+}
+
+/// How an existing table must change to take this run's mapping.
+pub(crate) struct Evolution {
+    /// Mapped columns the table lacks; added inside the commit transaction.
+    pub add_columns: Vec<TargetColumn>,
+    pub add_soft_delete: bool,
+}
+
+/// Compares an existing table (`existing`: column name and type as the
+/// target reports it) with the mapping. Missing columns are added under
+/// `schema_evolution = "add_columns"`; any other difference stops the run
+/// with a message listing every difference and what to do.
+pub(crate) fn plan_evolution(
+    target: &str,
+    noun: &str,
+    schema: &TargetSchema,
+    existing: &[(String, String)],
+    type_name: impl Fn(ColumnType) -> String,
+    options: &TargetOptions,
+) -> Result<Evolution, LoadError> {
+    let has = |name: &str| existing.iter().any(|(n, _)| n == name);
+    let mut problems = Vec::new();
+    let mut add_columns = Vec::new();
+    for c in &schema.columns {
+        match existing.iter().find(|(name, _)| *name == c.name) {
+            None => add_columns.push(c.clone()),
+            Some((_, ty)) if *ty != type_name(c.ty) => problems.push(format!(
+                "column `{}` is {ty} in the {noun} but {} ({}) in the mapping",
+                c.name,
+                type_name(c.ty),
+                c.ty.name()
+            )),
+            Some(_) => {}
+        }
+    }
+    for bookkeeping in [RUN_ID_COLUMN, LOADED_AT_COLUMN] {
+        if !has(bookkeeping) {
+            problems.push(format!("column `{bookkeeping}` is missing (the {noun} was not created by nightjar)"));
+        }
+    }
+    let add_soft_delete = options.deletes == DeleteMode::Soft && !has(SOFT_DELETE_COLUMN);
+    let evolve = options.schema_evolution == SchemaEvolution::AddColumns;
+    if !evolve {
+        problems.extend(add_columns.iter().map(|c| format!("column `{}` is mapped but not in the {noun}", c.name)));
+        if add_soft_delete {
+            problems.push(format!("column `{SOFT_DELETE_COLUMN}` (for deletes = \"soft\") is not in the {noun}"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(Evolution { add_columns, add_soft_delete });
+    }
+    let remedy = if evolve {
+        format!("fix the mapping's types or the {noun}")
+    } else {
+        format!("set `schema_evolution = \"add_columns\"` on the job, or change the {noun} yourself")
+    };
+    Err(LoadError::Schema {
+        target: target.to_string(),
+        message: format!("the {noun} differs from the mapping: {}; {remedy}", problems.join("; ")),
+    })
+}
+
+/// A test hook: with `NIGHTJAR_TEST_PAUSE_AT=<point>` in the environment, a
+/// run stops at that point (`stage`: after the first page is staged;
+/// `commit`: inside the commit transaction, just before COMMIT) and waits,
+/// so the crash tests can SIGKILL the process exactly there.
+///
+/// It blocks the thread on purpose: it is called while a database
+/// transaction is open, and the process is about to be killed anyway.
+pub fn pause_point(point: &str) {
+    if std::env::var("NIGHTJAR_TEST_PAUSE_AT").is_ok_and(|p| p == point) {
+        eprintln!("nightjar: paused at {point} (NIGHTJAR_TEST_PAUSE_AT)");
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 

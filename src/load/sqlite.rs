@@ -9,14 +9,18 @@ use polars::prelude::*;
 use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
-use super::{LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, Target, quote_ident};
+use super::{
+    LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, Target, TargetOptions, pause_point,
+    plan_evolution, quote_ident,
+};
+use crate::config::DeleteMode;
 use crate::state::{RunId, ts};
-use crate::transform::{CURSOR_COLUMN, ColumnType, TargetSchema, format_timestamp_ms};
+use crate::transform::{CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetColumn, TargetSchema, format_timestamp_ms};
 
 pub struct SqliteTarget {
     path: PathBuf,
     table: String,
-    create: bool,
+    options: TargetOptions,
     conn: Connection,
     run: Option<RunPlan>,
 }
@@ -26,7 +30,9 @@ struct RunPlan {
     run: RunId,
     schema: TargetSchema,
     stage_table: String,
-    has_cursor: Option<bool>,
+    /// Mapped columns the table lacks, added inside the commit transaction.
+    add_columns: Vec<TargetColumn>,
+    add_soft_delete: bool,
 }
 
 fn sql_type(ty: ColumnType) -> &'static str {
@@ -56,7 +62,8 @@ fn sql_value(value: AnyValue<'_>) -> Value {
 }
 
 impl SqliteTarget {
-    pub fn open(path: &Path, table: &str, create: bool) -> Result<SqliteTarget, LoadError> {
+    pub fn open(path: &Path, options: TargetOptions) -> Result<SqliteTarget, LoadError> {
+        let table = options.table.clone();
         let target = format!("sqlite {} table {table}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| LoadError::Dir {
@@ -69,7 +76,7 @@ impl SqliteTarget {
         let conn = Connection::open(path).map_err(wrap)?;
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(wrap)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
-        Ok(SqliteTarget { path: path.to_path_buf(), table: table.to_string(), create, conn, run: None })
+        Ok(SqliteTarget { path: path.to_path_buf(), table, options, conn, run: None })
     }
 
     fn name(&self) -> String {
@@ -88,8 +95,8 @@ impl SqliteTarget {
         rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
     }
 
-    fn plan(&self) -> Result<&RunPlan, LoadError> {
-        self.run.as_ref().ok_or_else(|| LoadError::OutOfOrder { target: self.name(), stage: "stage/commit" })
+    fn soft(&self) -> bool {
+        self.options.deletes == DeleteMode::Soft
     }
 }
 
@@ -98,8 +105,10 @@ impl Target for SqliteTarget {
     async fn prepare(&mut self, schema: &TargetSchema, run: RunId) -> Result<(), LoadError> {
         let table = quote_ident(&self.table);
         let existing = self.existing_columns()?;
+        let mut add_columns = Vec::new();
+        let mut add_soft_delete = false;
         if existing.is_empty() {
-            if !self.create {
+            if !self.options.create {
                 return Err(LoadError::Schema {
                     target: self.name(),
                     message:
@@ -115,6 +124,9 @@ impl Target for SqliteTarget {
                     format!("{} {}{not_null}", quote_ident(&c.name), sql_type(c.ty))
                 })
                 .collect();
+            if self.soft() {
+                defs.push(format!("{} INTEGER NOT NULL DEFAULT 0", quote_ident(SOFT_DELETE_COLUMN)));
+            }
             defs.push(format!("{} INTEGER NOT NULL", quote_ident(RUN_ID_COLUMN)));
             defs.push(format!("{} TEXT NOT NULL", quote_ident(LOADED_AT_COLUMN)));
             let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
@@ -123,22 +135,13 @@ impl Target for SqliteTarget {
                 .execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", ")), [])
                 .map_err(self.err())?;
         } else {
-            let missing: Vec<&str> = schema
-                .columns
-                .iter()
-                .map(|c| c.name.as_str())
-                .chain([RUN_ID_COLUMN, LOADED_AT_COLUMN])
-                .filter(|name| !existing.iter().any(|(e, _)| e == name))
-                .collect();
-            if !missing.is_empty() {
-                return Err(LoadError::Schema {
-                    target: self.name(),
-                    message: format!(
-                        "the table lacks mapped column(s) {}; add them to the table (ALTER TABLE ... ADD COLUMN) or remove them from the mapping",
-                        missing.join(", ")
-                    ),
-                });
-            }
+            // SQLite reports declared types in the case they were written.
+            let existing: Vec<(String, String)> =
+                existing.into_iter().map(|(n, t)| (n, t.to_ascii_uppercase())).collect();
+            let evolution =
+                plan_evolution(&self.name(), "table", schema, &existing, |t| sql_type(t).to_string(), &self.options)?;
+            add_columns = evolution.add_columns;
+            add_soft_delete = evolution.add_soft_delete;
         }
 
         // A temp table lives only as long as this connection: a killed run
@@ -147,6 +150,7 @@ impl Target for SqliteTarget {
         let mut defs: Vec<String> =
             schema.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), sql_type(c.ty))).collect();
         defs.push(format!("{} INTEGER", quote_ident(CURSOR_COLUMN)));
+        defs.push(format!("{} INTEGER", quote_ident(DELETED_COLUMN)));
         let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
         defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
         let stage = quote_ident(&stage_table);
@@ -156,18 +160,20 @@ impl Target for SqliteTarget {
                 defs.join(", ")
             ))
             .map_err(self.err())?;
-        self.run = Some(RunPlan { run, schema: schema.clone(), stage_table, has_cursor: None });
+        self.run = Some(RunPlan { run, schema: schema.clone(), stage_table, add_columns, add_soft_delete });
         Ok(())
     }
 
     async fn stage(&mut self, page: &DataFrame) -> Result<(), LoadError> {
         let name = self.name();
-        let plan = self.run.as_mut().ok_or_else(|| LoadError::OutOfOrder { target: name.clone(), stage: "stage" })?;
+        let plan = self.run.as_ref().ok_or_else(|| LoadError::OutOfOrder { target: name.clone(), stage: "stage" })?;
         let has_cursor = page.column(CURSOR_COLUMN).is_ok();
-        plan.has_cursor = Some(plan.has_cursor.unwrap_or(false) || has_cursor);
         let mut names: Vec<&str> = plan.schema.columns.iter().map(|c| c.name.as_str()).collect();
         if has_cursor {
             names.push(CURSOR_COLUMN);
+        }
+        if page.column(DELETED_COLUMN).is_ok() {
+            names.push(DELETED_COLUMN);
         }
         let columns: Vec<&Column> = names
             .iter()
@@ -217,51 +223,90 @@ impl Target for SqliteTarget {
     }
 
     async fn commit(&mut self) -> Result<LoadCounts, LoadError> {
-        let plan = self.plan()?;
+        let name = self.name();
+        let plan = self.run.take().ok_or_else(|| LoadError::OutOfOrder { target: name.clone(), stage: "commit" })?;
         let table = quote_ident(&self.table);
+        let soft = self.soft();
+        let deletes = self.options.deletes;
         let stage = format!("temp.{}", quote_ident(&plan.stage_table));
         let cols: Vec<String> = plan.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let key: Vec<String> = plan.schema.key.iter().map(|k| quote_ident(k)).collect();
         let key_match: Vec<String> = key.iter().map(|k| format!("t.{k} = s.{k}")).collect();
-        let non_key: Vec<&String> = cols.iter().filter(|c| !key.contains(c)).collect();
+        let flag = format!("COALESCE(s.{}, 0)", quote_ident(DELETED_COLUMN));
+        let soft_col = quote_ident(SOFT_DELETE_COLUMN);
         let run_col = quote_ident(RUN_ID_COLUMN);
         let loaded_col = quote_ident(LOADED_AT_COLUMN);
-        let mut set: Vec<String> = non_key.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+
+        let mut insert_cols = cols.clone();
+        let mut select_cols: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
+        let mut compared: Vec<String> = cols.iter().filter(|c| !key.contains(c)).cloned().collect();
+        if soft {
+            insert_cols.push(soft_col.clone());
+            select_cols.push(flag.clone());
+            compared.push(soft_col.clone());
+        }
+        let mut set: Vec<String> = compared.iter().map(|c| format!("{c} = excluded.{c}")).collect();
         set.push(format!("{run_col} = excluded.{run_col}"));
         set.push(format!("{loaded_col} = excluded.{loaded_col}"));
         // Unchanged rows are left alone, so re-running a window rewrites nothing.
-        let changed = if non_key.is_empty() {
+        let changed = if compared.is_empty() {
             "false".to_string()
         } else {
-            non_key.iter().map(|c| format!("{table}.{c} IS NOT excluded.{c}")).collect::<Vec<_>>().join(" OR ")
+            compared.iter().map(|c| format!("{table}.{c} IS NOT excluded.{c}")).collect::<Vec<_>>().join(" OR ")
         };
+        // Soft mode loads deleted rows with the flag set; the other modes load live rows only.
+        let live_only = if soft { String::new() } else { format!(" AND {flag} = 0") };
         let merge = format!(
-            "INSERT INTO {table} ({cols}, {run_col}, {loaded_col}) SELECT {cols}, ?1, ?2 FROM {stage} WHERE true \
+            "INSERT INTO {table} ({ins}, {run_col}, {loaded_col}) SELECT {sel}, ?1, ?2 FROM {stage} s WHERE true{live_only} \
              ON CONFLICT ({key}) DO UPDATE SET {set} WHERE {changed}",
-            cols = cols.join(", "),
+            ins = insert_cols.join(", "),
+            sel = select_cols.join(", "),
             key = key.join(", "),
             set = set.join(", "),
         );
-        let count_new = format!(
-            "SELECT count(*) FROM {stage} s WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {})",
+        let exists = format!("EXISTS (SELECT 1 FROM {table} t WHERE {})", key_match.join(" AND "));
+        let count = |cond: &str| format!("SELECT count(*) FROM {stage} s WHERE {cond}");
+        let considered = count(&format!("true{live_only}"));
+        let new_live = count(&format!("NOT {exists} AND {flag} = 0"));
+        // Soft mode: deleted rows that are new, or that flip a live row's flag.
+        let new_deleted = count(&format!("NOT {exists} AND {flag} = 1"));
+        let flips = count(&format!(
+            "{flag} = 1 AND EXISTS (SELECT 1 FROM {table} t WHERE {} AND t.{soft_col} = 0)",
             key_match.join(" AND ")
-        );
-        let run = plan.run;
-        let stage_table = plan.stage_table.clone();
-        let err = self.err();
-        let tx = self.conn.unchecked_transaction().map_err(&err)?;
-        let staged: i64 = tx.query_row(&format!("SELECT count(*) FROM {stage}"), [], |r| r.get(0)).map_err(&err)?;
-        let inserted: i64 = tx.query_row(&count_new, [], |r| r.get(0)).map_err(&err)?;
-        let written = tx.execute(&merge, rusqlite::params![run, ts(Utc::now())]).map_err(&err)? as i64;
-        tx.execute_batch(&format!("DROP TABLE temp.{}", quote_ident(&stage_table))).map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        drop(err);
-        self.run = None;
+        ));
+        let hard_delete = {
+            let m: Vec<String> = key.iter().map(|k| format!("{table}.{k} = s.{k}")).collect();
+            format!(
+                "DELETE FROM {table} WHERE EXISTS (SELECT 1 FROM {stage} s WHERE {} AND {flag} = 1)",
+                m.join(" AND ")
+            )
+        };
+
+        let err = |source| LoadError::Sqlite { target: name.clone(), source };
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        for c in &plan.add_columns {
+            tx.execute(&format!("ALTER TABLE {table} ADD COLUMN {} {}", quote_ident(&c.name), sql_type(c.ty)), [])
+                .map_err(err)?;
+        }
+        if plan.add_soft_delete {
+            tx.execute(&format!("ALTER TABLE {table} ADD COLUMN {soft_col} INTEGER NOT NULL DEFAULT 0"), [])
+                .map_err(err)?;
+        }
+        let scalar = |sql: &str| -> Result<i64, LoadError> { tx.query_row(sql, [], |r| r.get(0)).map_err(err) };
+        let total = scalar(&considered)?;
+        let inserted = scalar(&new_live)?;
+        let soft_deleted = if soft { scalar(&new_deleted)? + scalar(&flips)? } else { 0 };
+        let written = tx.execute(&merge, rusqlite::params![plan.run, ts(Utc::now())]).map_err(err)? as i64;
+        let hard_deleted =
+            if deletes == DeleteMode::Hard { tx.execute(&hard_delete, []).map_err(err)? as i64 } else { 0 };
+        tx.execute_batch(&format!("DROP TABLE {stage}")).map_err(err)?;
+        pause_point("commit");
+        tx.commit().map_err(err)?;
         Ok(LoadCounts {
             inserted: inserted as u64,
-            updated: (written - inserted).max(0) as u64,
-            unchanged: (staged - written).max(0) as u64,
-            deleted: 0,
+            updated: (written - inserted - soft_deleted).max(0) as u64,
+            unchanged: (total - written).max(0) as u64,
+            deleted: (soft_deleted + hard_deleted) as u64,
         })
     }
 

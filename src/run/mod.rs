@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 
 pub use window::{Window, build_soql, plan_window, soql_datetime};
 
-use crate::config::{ConfigError, Connection, Job, Project};
+use crate::config::{AuthFlow, ConfigError, Connection, Job, Project};
 use crate::load::{LoadError, open_target};
-use crate::salesforce::{Page, SalesforceClient, SalesforceError};
+use crate::salesforce::{JobGuard, Page, RunClient, SalesforceClient, SalesforceError};
 use crate::state::{RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
 use crate::transform::{Mapping, TransformError};
 
@@ -50,6 +50,8 @@ impl RunError {
         match self {
             RunError::Config(_) | RunError::Job { .. } => "config",
             RunError::Salesforce(e) => e.class(),
+            // Salesforce sent other columns than the job asked for: the org changed.
+            RunError::Transform(TransformError::MissingColumn(_)) => "schema_drift",
             RunError::Transform(_) => "transform",
             RunError::Load(e) => e.class(),
             RunError::State(_) => "state",
@@ -87,6 +89,7 @@ pub async fn run_job(
     trigger: &str,
 ) -> Result<RunReport, RunError> {
     let job = project.job(job_name)?;
+    let alerts = crate::alert::AlertSettings::for_job(project, job);
     let run = state.open_run(job_name, trigger, Utc::now())?;
     tracing::info!(job = job_name, run, "run started");
     let mut progress = Progress::default();
@@ -102,7 +105,23 @@ pub async fn run_job(
         error_class,
         error: error.clone(),
     };
-    state.finish_run(run, &end, watermark, Utc::now())?;
+    let finished_at = Utc::now();
+    let facts = crate::alert::RunFacts {
+        job: job_name,
+        run,
+        trigger,
+        outcome: crate::alert::Outcome::of(&result),
+        window: progress.window,
+        full_refresh: job.spec.source.cursor.is_none(),
+        counts: &end.counts,
+        salesforce_job_ids: &end.salesforce_job_ids,
+        error: result.as_ref().err().map(crate::alert::ErrorDetail::from_run_error),
+        finished_at,
+    };
+    // The alert commits with the run row and the watermark, or not at all.
+    state.finish_run_with(run, &end, watermark, finished_at, |conn| {
+        crate::alert::queue_for_run(conn, &alerts, &facts).map(drop)
+    })?;
     match &error {
         None => tracing::info!(job = job_name, run, extracted = end.counts.extracted, "run succeeded"),
         Some(e) => tracing::error!(job = job_name, run, error = %e, "run failed"),
@@ -138,18 +157,27 @@ async fn execute(
     };
     let mapping = Mapping::new(spec, &job.mapping)?;
     let schema = mapping.schema();
-    let client = SalesforceClient::new(conn_name, conn)?;
+    // One client per connection for the whole process: runs share its token
+    // and its Bulk job slots; the retry budget is per run.
+    let shared = SalesforceClient::shared(conn_name, conn)?;
+    if conn.auth == AuthFlow::RefreshToken {
+        shared.set_refresh_token(state.refresh_token(conn_name)?);
+    }
+    let client = shared.for_run();
 
     let started = Utc::now();
     let clock = Instant::now();
-    let server_now = client.server_now().await?;
+    // The limits guard and the server clock come from one /limits call.
+    let limits = client.limits().await?;
+    client.check_budget(&limits)?;
+    let server_now = limits.server_now;
     let watermark = state.watermark(&job.name)?;
     let window = source.cursor.as_ref().map(|_| plan_window(watermark, server_now, source.lookback, source.settle));
     state.set_window(run, window.and_then(|w| w.start), window.map(|w| w.end), watermark)?;
     progress.window = window;
     state.record_step(run, "plan", started, clock.elapsed())?;
 
-    let mut target = open_target(project, job)?;
+    let mut target = open_target(project, job).await?;
     target.prepare(&schema, run).await?;
     let loaded = load_pages(state, job, run, &client, &mapping, &mut *target, window, progress).await;
     let counts = match loaded {
@@ -179,7 +207,7 @@ async fn load_pages(
     state: &StateStore,
     job: &Job,
     run: RunId,
-    client: &std::sync::Arc<SalesforceClient>,
+    client: &RunClient,
     mapping: &Mapping,
     target: &mut dyn crate::load::Target,
     window: Option<Window>,
@@ -198,10 +226,17 @@ async fn load_pages(
 
     let started = Utc::now();
     let clock = Instant::now();
+    // Held until the results are downloaded: at most max_concurrent_jobs
+    // Bulk jobs per connection at once.
+    let _slot = client.job_slot().await;
     let created = client.create_query_job(&soql, source.include_deleted).await?;
     let sf_job = created.id.clone();
     progress.salesforce_job_ids.push(sf_job.clone());
-    if let Err(e) = client.wait_for_job(&sf_job).await {
+    state.add_salesforce_job(run, &sf_job)?;
+    let mut guard = JobGuard::new(client, &sf_job);
+    let waited = client.wait_for_job(&sf_job).await;
+    guard.disarm();
+    if let Err(e) = waited {
         if !matches!(e, SalesforceError::JobFailed { .. } | SalesforceError::JobAborted { .. })
             && let Err(abort) = client.abort_job(&sf_job).await
         {
@@ -251,6 +286,7 @@ async fn load_pages(
             }
             let clock = Instant::now();
             target.stage(&mapped.frame).await?;
+            crate::load::pause_point("stage");
             load_time += clock.elapsed();
             tracing::debug!(job = %job.name, page = page.number, rows = mapped.rows_in, "page staged");
         }

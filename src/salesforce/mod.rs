@@ -1,35 +1,45 @@
-//! The Salesforce client: OAuth, Bulk API 2.0 query jobs, result pages.
+//! The Salesforce client: OAuth, Bulk API 2.0 query jobs, result pages,
+//! limits and describe.
+//!
+//! Resilience lives in `RunClient::call`: a 401 INVALID_SESSION_ID renews
+//! the connection's shared token once and repeats the same request (same
+//! locator); 5xx/429/timeouts/dropped or truncated bodies back off
+//! exponentially with jitter (backon), bounded per request and per run;
+//! other 4xx, REQUEST_LIMIT_EXCEEDED included, fail at once.
 //!
 //! Protocol facts follow `salesforce-bulk-api.md`; this module has its own
 //! wire structs and shares none with the sandbox, so a misreading of the
 //! protocol on one side shows up as a failure against the other.
 
 mod auth;
+mod check;
 mod page;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use reqwest::{Method, header};
 use serde::Deserialize;
 use serde_json::json;
 use thiserror::Error;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
-pub use auth::Session;
+pub use auth::{LoginOutcome, Session, login_with_browser};
+pub use check::{CheckReport, FieldDescribe, ObjectDescribe, check, check_client, check_job_fields, validate_online};
 pub use page::{Page, parse_csv_page};
 
-use crate::config::SalesforceConnection;
+use crate::config::{SalesforceConnection, Secret};
 
 #[derive(Debug, Error)]
 pub enum SalesforceError {
     #[error("connection `{connection}`: {message}")]
     Config { connection: String, message: String },
-    #[error(
-        "connection `{connection}`: login refused: {error}: {description}; check client_id/client_secret and that the app allows this OAuth flow"
-    )]
-    Auth { connection: String, error: String, description: String },
+    #[error("connection `{connection}`: login refused (HTTP {status} {error}: {description}); {hint}")]
+    Auth { connection: String, status: u16, error: String, description: String, hint: String },
     #[error("Salesforce answered HTTP {status} {error_code}: {message}{}; {hint}", job_suffix(.job_id))]
     Api { status: u16, error_code: String, message: String, job_id: Option<String>, hint: String },
     #[error(
@@ -42,6 +52,12 @@ pub enum SalesforceError {
     Transport { context: String, message: String },
     #[error("unexpected response while {context}: {message}")]
     Protocol { context: String, message: String },
+    #[error("{last} (gave up after {attempts} attempts{})", if *.run_budget_spent { "; the run's retry budget is spent" } else { "" })]
+    GaveUp { attempts: u32, run_budget_spent: bool, last: Box<SalesforceError> },
+    #[error(
+        "connection `{connection}`: only {remaining} of {max} daily API requests remain, below min_api_remaining = {min}; the run did not start. Salesforce frees capacity as calls older than 24 hours age out: run later, or lower min_api_remaining"
+    )]
+    ApiBudgetLow { connection: String, remaining: u64, max: u64, min: u64 },
 }
 
 fn job_suffix(job_id: &Option<String>) -> String {
@@ -55,13 +71,24 @@ impl SalesforceError {
             Self::Config { .. } => "config",
             Self::Auth { .. } => "auth",
             Self::Api { error_code, .. } if error_code == "REQUEST_LIMIT_EXCEEDED" => "api_limit",
+            Self::Api { error_code, .. } if error_code == "QUERY_TIMEOUT" => "query_timeout",
+            Self::Api { error_code, .. } if error_code == "INVALID_FIELD" => "schema_drift",
             Self::Api { status: 401, .. } => "auth",
             Self::Api { status: 403, .. } => "permission",
+            // Salesforce reports a query that ran too long only in the job's errorMessage.
+            Self::JobFailed { message, .. } if is_query_timeout(message) => "query_timeout",
             Self::Api { .. } | Self::JobFailed { .. } | Self::JobAborted { .. } => "salesforce",
             Self::Transport { .. } => "network",
             Self::Protocol { .. } => "protocol",
+            Self::GaveUp { last, .. } => last.class(),
+            Self::ApiBudgetLow { .. } => "api_limit",
         }
     }
+}
+
+fn is_query_timeout(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("query_timeout") || m.contains("timed out") || m.contains("running for too long")
 }
 
 /// One remedy line per error code a user is likely to meet.
@@ -71,9 +98,14 @@ fn hint_for(status: u16, code: &str, message: &str) -> String {
             "the connected app's token lacks the `api` scope; add it to the app's OAuth scopes".into()
         }
         (401, _) => "the session was refused; check the connection's credentials".into(),
-        (_, "REQUEST_LIMIT_EXCEEDED") => {
-            "the org's API request limit is spent; it recovers over a rolling 24 hours — run later".into()
+        (_, "REQUEST_LIMIT_EXCEEDED") if message.contains("ConcurrentPerOrgLongTxn") => {
+            "too many long-running requests are open in the org at once; run again when other integrations finish"
+                .into()
         }
+        (_, "REQUEST_LIMIT_EXCEEDED") => "the org's daily API request limit is spent; Salesforce counts calls over a \
+             rolling 24 hours, so room comes back as calls made 24 hours ago age out (expect it within 24 hours): \
+             run later, or ask for a higher allowance"
+            .into(),
         (_, "INVALID_FIELD") => {
             "a field in the job's `fields` or `where` does not exist or is not visible to the integration user".into()
         }
@@ -103,103 +135,476 @@ pub struct JobInfo {
     pub error_message: Option<String>,
 }
 
-/// A client for one Salesforce connection. Cheap to share: the session is
-/// behind a lock so concurrent users refresh it once.
+/// What `/limits` and the response headers say about the org's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrgLimits {
+    /// Salesforce's clock (the `Date` header), which windows are planned on.
+    pub server_now: DateTime<Utc>,
+    pub daily_api_max: u64,
+    pub daily_api_remaining: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LimitsBody {
+    daily_api_requests: LimitBody,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LimitBody {
+    max: u64,
+    remaining: u64,
+}
+
+/// `Sforce-Limit-Info: api-usage=USED/MAX` (possibly followed by per-app
+/// usage, which is ignored).
+fn parse_limit_info(value: &str) -> Option<(u64, u64)> {
+    let usage = value.split(';').map(str::trim).find_map(|part| part.strip_prefix("api-usage="))?;
+    let (used, max) = usage.split_once('/')?;
+    Some((used.trim().parse().ok()?, max.trim().parse().ok()?))
+}
+
+/// How hard one request and one run push through transient failures.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries of one request after its first attempt.
+    pub per_request: usize,
+    /// Retries shared by every request of one run, so a flapping org cannot
+    /// burn the daily API budget.
+    pub per_run: u32,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            per_request: 4,
+            per_run: 16,
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(2.0)
+            .with_max_times(self.per_request)
+            .with_jitter()
+            .build()
+    }
+}
+
+/// A client for one Salesforce connection, shared by every run of that
+/// connection in the process (see [`SalesforceClient::shared`]): one token
+/// cache, one view of the API budget, one cap on concurrent Bulk jobs.
 pub struct SalesforceClient {
     name: String,
     conn: SalesforceConnection,
     http: reqwest::Client,
-    session: Mutex<Option<Session>>,
+    /// The current token and how many times it was renewed; a request that
+    /// failed with generation N renews only if nobody renewed since.
+    session: Mutex<Option<(u64, Session)>>,
+    generations: std::sync::atomic::AtomicU64,
+    refresh_token: std::sync::Mutex<Option<Secret>>,
+    jobs: Arc<Semaphore>,
+    /// Last `Sforce-Limit-Info` seen: (used, max).
+    usage: std::sync::Mutex<Option<(u64, u64)>>,
+    retry: RetryPolicy,
 }
 
 /// First and longest pause between polls of a query job.
 const POLL_FIRST: Duration = Duration::from_millis(250);
 const POLL_MAX: Duration = Duration::from_secs(5);
+/// Between two bytes of a response; a stalled download is a dropped one.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Identifies a connection's settings; credentials enter only as a hash
+/// (in memory, never shown) so that changed credentials get a new client.
+fn registry_key(name: &str, conn: &SalesforceConnection) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut credentials = std::collections::hash_map::DefaultHasher::new();
+    conn.client_id.expose().hash(&mut credentials);
+    conn.client_secret.as_ref().map(Secret::expose).hash(&mut credentials);
+    conn.refresh_token.as_ref().map(Secret::expose).hash(&mut credentials);
+    conn.username.as_ref().map(|u| u.as_str()).hash(&mut credentials);
+    conn.private_key_file.as_ref().map(|p| p.as_str()).hash(&mut credentials);
+    format!(
+        "{name}\u{1f}{}\u{1f}{:?}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{:x}",
+        conn.login_url,
+        conn.auth,
+        conn.api_version,
+        conn.max_concurrent_jobs,
+        conn.min_api_remaining,
+        credentials.finish()
+    )
+}
+
+fn registry() -> &'static std::sync::Mutex<HashMap<String, Arc<SalesforceClient>>> {
+    static REGISTRY: OnceLock<std::sync::Mutex<HashMap<String, Arc<SalesforceClient>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
 
 impl SalesforceClient {
+    /// A client of its own (own token cache); `nightjar check` and tests use it.
     pub fn new(name: &str, conn: &SalesforceConnection) -> Result<Arc<Self>, SalesforceError> {
+        Self::with_policy(name, conn, RetryPolicy::default())
+    }
+
+    pub fn with_policy(
+        name: &str,
+        conn: &SalesforceConnection,
+        retry: RetryPolicy,
+    ) -> Result<Arc<Self>, SalesforceError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("nightjar/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(30))
+            .read_timeout(READ_TIMEOUT)
             .build()
             .map_err(|e| SalesforceError::Config { connection: name.into(), message: e.to_string() })?;
-        Ok(Arc::new(SalesforceClient { name: name.into(), conn: conn.clone(), http, session: Mutex::new(None) }))
+        Ok(Arc::new(SalesforceClient {
+            name: name.into(),
+            conn: conn.clone(),
+            http,
+            session: Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            refresh_token: std::sync::Mutex::new(None),
+            jobs: Arc::new(Semaphore::new(conn.max_concurrent_jobs.max(1) as usize)),
+            usage: std::sync::Mutex::new(None),
+            retry,
+        }))
+    }
+
+    /// The process-wide client of a connection: every run of the connection
+    /// shares its token (no login per run) and its Bulk job slots. A
+    /// connection whose settings changed (e.g. a reloaded config) gets a new one.
+    pub fn shared(name: &str, conn: &SalesforceConnection) -> Result<Arc<Self>, SalesforceError> {
+        let mut clients = registry().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get(&registry_key(name, conn)) {
+            return Ok(client.clone());
+        }
+        let client = Self::new(name, conn)?;
+        clients.insert(registry_key(name, conn), client.clone());
+        Ok(client)
+    }
+
+    /// Makes the connection's shared client use `retry` from now on (a new
+    /// client: its token cache starts empty). Tests use it for short backoffs.
+    pub fn share_with_policy(
+        name: &str,
+        conn: &SalesforceConnection,
+        retry: RetryPolicy,
+    ) -> Result<Arc<Self>, SalesforceError> {
+        let client = Self::with_policy(name, conn, retry)?;
+        registry().lock().unwrap_or_else(|e| e.into_inner()).insert(registry_key(name, conn), client.clone());
+        Ok(client)
     }
 
     pub fn connection_name(&self) -> &str {
         &self.name
     }
 
-    async fn session(&self, renew: bool) -> Result<Session, SalesforceError> {
-        let mut guard = self.session.lock().await;
-        if renew || guard.is_none() {
-            *guard = Some(auth::login(&self.http, &self.name, &self.conn).await?);
+    pub fn api_version(&self) -> &str {
+        &self.conn.api_version
+    }
+
+    /// The refresh token for `auth = "refresh_token"` connections, when it
+    /// comes from the state DB (`nightjar auth login`) rather than the config.
+    pub fn set_refresh_token(&self, token: Option<Secret>) {
+        if token.is_some() {
+            *self.refresh_token.lock().unwrap_or_else(|e| e.into_inner()) = token;
         }
-        guard.clone().ok_or_else(|| SalesforceError::Protocol {
-            context: "logging in".into(),
-            message: "no session after login".into(),
-        })
+    }
+
+    /// A handle for one run, with its own retry budget.
+    pub fn for_run(self: &Arc<Self>) -> RunClient {
+        RunClient { client: self.clone(), retries_left: Arc::new(AtomicU32::new(self.retry.per_run)) }
+    }
+
+    /// Last `Sforce-Limit-Info` seen on any response: (used, max).
+    pub fn api_usage(&self) -> Option<(u64, u64)> {
+        *self.usage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn session(&self) -> Result<(u64, Session), SalesforceError> {
+        let mut guard = self.session.lock().await;
+        if let Some(current) = guard.as_ref() {
+            return Ok(current.clone());
+        }
+        let fresh = self.login().await?;
+        let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        *guard = Some((generation, fresh.clone()));
+        Ok((generation, fresh))
+    }
+
+    /// Replaces the token that failed with generation `seen`, unless another
+    /// request already did; concurrent 401s cause one login, not many.
+    async fn renew(&self, seen: u64) -> Result<(), SalesforceError> {
+        let mut guard = self.session.lock().await;
+        if guard.as_ref().is_some_and(|(generation, _)| *generation != seen) {
+            return Ok(());
+        }
+        match self.login().await {
+            Ok(fresh) => {
+                *guard = Some((self.generations.fetch_add(1, Ordering::SeqCst) + 1, fresh));
+                Ok(())
+            }
+            Err(e) => {
+                // The old token is dead either way; the next call logs in afresh.
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn login(&self) -> Result<Session, SalesforceError> {
+        let stored = self.refresh_token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        auth::login(&self.http, &self.name, &self.conn, stored.as_ref()).await
+    }
+
+    fn track_usage(&self, headers: &header::HeaderMap) {
+        if let Some(usage) = headers.get("sforce-limit-info").and_then(|v| v.to_str().ok()).and_then(parse_limit_info) {
+            *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(usage);
+        }
     }
 
     fn data_url(&self, session: &Session, path: &str) -> String {
         format!("{}/services/data/v{}{}", session.instance_url, self.conn.api_version, path)
     }
+}
 
-    /// Sends a data request, renewing the session once on an expired-session 401.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<serde_json::Value>,
-        accept: &str,
-        job_id: Option<&str>,
-    ) -> Result<reqwest::Response, SalesforceError> {
-        let mut renewed = false;
+/// One data request, repeatable as many times as retries need.
+struct Call {
+    method: Method,
+    path: String,
+    query: Vec<(&'static str, String)>,
+    body: Option<serde_json::Value>,
+    accept: &'static str,
+    job_id: Option<String>,
+}
+
+/// Why one attempt failed, which decides what happens next.
+enum Failure {
+    /// 401 INVALID_SESSION_ID: renew the token once and repeat the request.
+    Expired(SalesforceError),
+    /// 5xx, 429, timeouts, dropped connections, truncated bodies: back off and repeat.
+    Transient(SalesforceError),
+    Fatal(SalesforceError),
+}
+
+/// Salesforce's and its edge's transient answers (salesforce-bulk-api.md §3.2).
+fn is_transient_status(status: u16) -> bool {
+    matches!(status, 406 | 408 | 420 | 429) || status >= 500
+}
+
+/// The Salesforce API as one run sees it: every call renews an expired
+/// session once and retries transient failures with exponential backoff and
+/// jitter, bounded per request and by the run's retry budget.
+#[derive(Clone)]
+pub struct RunClient {
+    client: Arc<SalesforceClient>,
+    retries_left: Arc<AtomicU32>,
+}
+
+impl RunClient {
+    pub fn client(&self) -> &Arc<SalesforceClient> {
+        &self.client
+    }
+
+    /// Waits for one of the connection's `max_concurrent_jobs` Bulk job
+    /// slots; hold the permit until the job's results are downloaded.
+    pub async fn job_slot(&self) -> OwnedSemaphorePermit {
         loop {
-            let session = self.session(false).await?;
-            let mut request = self
-                .http
-                .request(method.clone(), self.data_url(&session, path))
-                .bearer_auth(session.access_token.expose())
-                .header(header::ACCEPT, accept)
-                .query(query);
-            if let Some(body) = &body {
-                request = request.json(body);
+            if let Ok(permit) = self.client.jobs.clone().acquire_owned().await {
+                return permit;
             }
-            let response = request.send().await.map_err(|e| SalesforceError::Transport {
-                context: format!("calling {method} {path}"),
-                message: e.to_string(),
-            })?;
-            let status = response.status();
-            if status.is_success() {
-                return Ok(response);
-            }
-            let err = api_error(response, job_id).await;
-            let expired = matches!(&err, SalesforceError::Api { status: 401, error_code, message, .. }
-                if error_code == "INVALID_SESSION_ID" && !message.contains("not valid for use with the REST API"));
-            if expired && !renewed {
-                renewed = true;
-                self.session(true).await?;
-                continue;
-            }
-            return Err(err);
+            // The semaphore is never closed; a closed one would mean no limit.
+            tokio::task::yield_now().await;
         }
+    }
+
+    fn take_retry(&self) -> bool {
+        self.retries_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    async fn call<T, F, Fut>(&self, call: &Call, read: F) -> Result<T, SalesforceError>
+    where
+        F: Fn(reqwest::Response) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut renewed = false;
+        let mut backoff = self.client.retry.backoff();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (generation, outcome) = match self.client.session().await {
+                Ok((generation, session)) => (generation, self.attempt(call, &session, &read).await),
+                // A token endpoint that is down is as transient as any other.
+                Err(e @ SalesforceError::Transport { .. }) => (0, Err(Failure::Transient(e))),
+                Err(e) => return Err(e),
+            };
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(Failure::Expired(e)) if !renewed => {
+                    renewed = true;
+                    tracing::info!(connection = %self.client.name, path = %call.path, "session expired; renewing it and repeating the request");
+                    match self.client.renew(generation).await {
+                        // The expired-session error is spent: the request is repeated.
+                        Ok(()) => drop(e),
+                        // A token endpoint that is down is retried like any call.
+                        Err(transport @ SalesforceError::Transport { .. }) => {
+                            let Some(pause) = backoff.next() else {
+                                return Err(SalesforceError::GaveUp {
+                                    attempts,
+                                    run_budget_spent: false,
+                                    last: Box::new(transport),
+                                });
+                            };
+                            if !self.take_retry() {
+                                return Err(SalesforceError::GaveUp {
+                                    attempts,
+                                    run_budget_spent: true,
+                                    last: Box::new(transport),
+                                });
+                            }
+                            tokio::time::sleep(pause).await;
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
+                Err(Failure::Expired(e)) => {
+                    return Err(match e {
+                        SalesforceError::Api { status, error_code, message, job_id, .. } => SalesforceError::Api {
+                            status,
+                            error_code,
+                            message,
+                            job_id,
+                            hint: "a freshly issued token was refused too; check that the integration user is active and the connected app's session policies".into(),
+                        },
+                        other => other,
+                    });
+                }
+                Err(Failure::Transient(e)) => {
+                    let Some(pause) = backoff.next() else {
+                        return Err(SalesforceError::GaveUp { attempts, run_budget_spent: false, last: Box::new(e) });
+                    };
+                    if !self.take_retry() {
+                        return Err(SalesforceError::GaveUp { attempts, run_budget_spent: true, last: Box::new(e) });
+                    }
+                    tracing::warn!(connection = %self.client.name, path = %call.path, attempt = attempts, error = %e, ?pause, "transient failure; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(Failure::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn attempt<T, F, Fut>(&self, call: &Call, session: &Session, read: &F) -> Result<T, Failure>
+    where
+        F: Fn(reqwest::Response) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut request = self
+            .client
+            .http
+            .request(call.method.clone(), self.client.data_url(session, &call.path))
+            .bearer_auth(session.access_token.expose())
+            .header(header::ACCEPT, call.accept)
+            .query(&call.query);
+        if let Some(body) = &call.body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            Failure::Transient(SalesforceError::Transport {
+                context: format!("calling {} {}", call.method, call.path),
+                message: e.to_string(),
+            })
+        })?;
+        self.client.track_usage(response.headers());
+        if response.status().is_success() {
+            return read(response).await;
+        }
+        let err = api_error(response, call.job_id.as_deref(), self.client.api_usage()).await;
+        Err(match &err {
+            SalesforceError::Api { status: 401, error_code, message, .. }
+                if error_code == "INVALID_SESSION_ID" && !message.contains("not valid for use with the REST API") =>
+            {
+                Failure::Expired(err)
+            }
+            SalesforceError::Api { error_code, .. } if error_code == "REQUEST_LIMIT_EXCEEDED" => Failure::Fatal(err),
+            SalesforceError::Api { status, .. } if is_transient_status(*status) => Failure::Transient(err),
+            _ => Failure::Fatal(err),
+        })
+    }
+
+    async fn json_call<T: serde::de::DeserializeOwned>(&self, call: Call, context: &str) -> Result<T, SalesforceError> {
+        let context = context.to_string();
+        self.call(&call, move |response| {
+            let context = context.clone();
+            async move { json_body(response, &context).await }
+        })
+        .await
+    }
+
+    /// The org's daily API budget and Salesforce's clock, from `/limits`.
+    pub async fn limits(&self) -> Result<OrgLimits, SalesforceError> {
+        let call = Call {
+            method: Method::GET,
+            path: "/limits".into(),
+            query: Vec::new(),
+            body: None,
+            accept: "application/json",
+            job_id: None,
+        };
+        self.call(&call, |response| async move {
+            let context = "reading the org's limits";
+            let date = response.headers().get(header::DATE).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body: LimitsBody = json_body(response, context).await?;
+            let date = date.ok_or_else(|| {
+                Failure::Fatal(SalesforceError::Protocol {
+                    context: "reading Salesforce's clock".into(),
+                    message: "the response has no Date header".into(),
+                })
+            })?;
+            let server_now = DateTime::parse_from_rfc2822(&date).map(|d| d.with_timezone(&Utc)).map_err(|e| {
+                Failure::Fatal(SalesforceError::Protocol {
+                    context: "reading Salesforce's clock".into(),
+                    message: format!("bad Date header `{date}`: {e}"),
+                })
+            })?;
+            Ok(OrgLimits {
+                server_now,
+                daily_api_max: body.daily_api_requests.max,
+                daily_api_remaining: body.daily_api_requests.remaining,
+            })
+        })
+        .await
     }
 
     /// Salesforce's current time, from the `Date` header of a cheap call.
     /// Windows are planned on it, never on the local clock.
     pub async fn server_now(&self) -> Result<DateTime<Utc>, SalesforceError> {
-        let response = self.send(Method::GET, "/limits", &[], None, "application/json", None).await?;
-        let date = response.headers().get(header::DATE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let date = date.ok_or_else(|| SalesforceError::Protocol {
-            context: "reading Salesforce's clock".into(),
-            message: "the response has no Date header".into(),
-        })?;
-        DateTime::parse_from_rfc2822(&date).map(|d| d.with_timezone(&Utc)).map_err(|e| SalesforceError::Protocol {
-            context: "reading Salesforce's clock".into(),
-            message: format!("bad Date header `{date}`: {e}"),
-        })
+        Ok(self.limits().await?.server_now)
+    }
+
+    /// Fails with [`SalesforceError::ApiBudgetLow`] when fewer than the
+    /// connection's `min_api_remaining` daily API requests are left.
+    pub fn check_budget(&self, limits: &OrgLimits) -> Result<(), SalesforceError> {
+        let min = self.client.conn.min_api_remaining;
+        if limits.daily_api_remaining < min {
+            return Err(SalesforceError::ApiBudgetLow {
+                connection: self.client.name.clone(),
+                remaining: limits.daily_api_remaining,
+                max: limits.daily_api_max,
+                min,
+            });
+        }
+        Ok(())
     }
 
     /// Creates a Bulk API 2.0 query job; `query_all` includes deleted rows.
@@ -211,14 +616,27 @@ impl SalesforceClient {
             "columnDelimiter": "COMMA",
             "lineEnding": "LF",
         });
-        let response = self.send(Method::POST, "/jobs/query", &[], Some(body), "application/json", None).await?;
-        json_body(response, "creating a query job").await
+        let call = Call {
+            method: Method::POST,
+            path: "/jobs/query".into(),
+            query: Vec::new(),
+            body: Some(body),
+            accept: "application/json",
+            job_id: None,
+        };
+        self.json_call(call, "creating a query job").await
     }
 
     pub async fn job_info(&self, job_id: &str) -> Result<JobInfo, SalesforceError> {
-        let path = format!("/jobs/query/{job_id}");
-        let response = self.send(Method::GET, &path, &[], None, "application/json", Some(job_id)).await?;
-        json_body(response, &format!("polling query job {job_id}")).await
+        let call = Call {
+            method: Method::GET,
+            path: format!("/jobs/query/{job_id}"),
+            query: Vec::new(),
+            body: None,
+            accept: "application/json",
+            job_id: Some(job_id.to_string()),
+        };
+        self.json_call(call, &format!("polling query job {job_id}")).await
     }
 
     /// Polls until the job is `JobComplete`, backing off between polls.
@@ -245,13 +663,21 @@ impl SalesforceClient {
 
     /// Aborts a query job still queued or running; best effort on cancel paths.
     pub async fn abort_job(&self, job_id: &str) -> Result<(), SalesforceError> {
-        let path = format!("/jobs/query/{job_id}");
-        let body = json!({ "state": "Aborted" });
-        self.send(Method::PATCH, &path, &[], Some(body), "application/json", Some(job_id)).await?;
-        Ok(())
+        let call = Call {
+            method: Method::PATCH,
+            path: format!("/jobs/query/{job_id}"),
+            query: Vec::new(),
+            body: Some(json!({ "state": "Aborted" })),
+            accept: "application/json",
+            job_id: Some(job_id.to_string()),
+        };
+        self.call(&call, |_| async { Ok(()) }).await
     }
 
-    /// Fetches one results page. `locator` is the previous page's `Sforce-Locator`.
+    /// Fetches one results page. `locator` is the previous page's
+    /// `Sforce-Locator`; a page that arrives cut short (dropped connection,
+    /// fewer rows than `Sforce-NumberOfRecords`) is fetched again with the
+    /// same locator, which Salesforce keeps stable for the life of the job.
     pub async fn results_page(
         &self,
         job_id: &str,
@@ -259,56 +685,109 @@ impl SalesforceClient {
         max_records: u32,
         number: u32,
     ) -> Result<Page, SalesforceError> {
-        let path = format!("/jobs/query/{job_id}/results");
         let mut query = vec![("maxRecords", max_records.to_string())];
         if let Some(locator) = locator {
             query.push(("locator", locator.to_string()));
         }
-        let response = self.send(Method::GET, &path, &query, None, "text/csv", Some(job_id)).await?;
-        let header_text = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let next = header_text("Sforce-Locator");
-        let declared = header_text("Sforce-NumberOfRecords");
-        let context = format!("downloading page {number} of query job {job_id}");
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| SalesforceError::Transport { context: context.clone(), message: e.to_string() })?;
-        let frame =
-            parse_csv_page(&body).map_err(|message| SalesforceError::Protocol { context: context.clone(), message })?;
-        if let Some(declared) = declared {
-            let declared: usize = declared.trim().parse().map_err(|_| SalesforceError::Protocol {
-                context: context.clone(),
-                message: format!("Sforce-NumberOfRecords `{declared}` is not a number"),
-            })?;
-            if declared != frame.height() {
-                return Err(SalesforceError::Protocol {
-                    context,
-                    message: format!(
-                        "Sforce-NumberOfRecords says {declared} rows but the page holds {}",
-                        frame.height()
-                    ),
-                });
-            }
-        }
-        let next_locator = next.filter(|l| !l.is_empty() && l != "null");
-        Ok(Page { number, frame, next_locator })
+        let call = Call {
+            method: Method::GET,
+            path: format!("/jobs/query/{job_id}/results"),
+            query,
+            body: None,
+            accept: "text/csv",
+            job_id: Some(job_id.to_string()),
+        };
+        let job_id = job_id.to_string();
+        self.call(&call, move |response| {
+            let job_id = job_id.clone();
+            async move { read_page(response, &job_id, number).await }
+        })
+        .await
     }
 }
 
-async fn json_body<T: serde::de::DeserializeOwned>(
-    response: reqwest::Response,
-    context: &str,
-) -> Result<T, SalesforceError> {
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| SalesforceError::Transport { context: context.into(), message: e.to_string() })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| SalesforceError::Protocol { context: context.into(), message: e.to_string() })
+/// Aborts a Bulk job if dropped while armed: a run cancelled or timed out
+/// (its future dropped) while the job is still queued or running must not
+/// leave the job spending the org's resources.
+pub struct JobGuard {
+    client: RunClient,
+    job_id: String,
+    armed: bool,
+}
+
+impl JobGuard {
+    pub fn new(client: &RunClient, job_id: &str) -> JobGuard {
+        JobGuard { client: client.clone(), job_id: job_id.to_string(), armed: true }
+    }
+
+    /// The job reached a terminal state; nothing to abort any more.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (client, job_id) = (self.client.clone(), self.job_id.clone());
+        runtime.spawn(async move {
+            match client.abort_job(&job_id).await {
+                Ok(()) => tracing::info!(sf_job = %job_id, "aborted the Salesforce job of a cancelled run"),
+                Err(e) => tracing::warn!(sf_job = %job_id, error = %e, "could not abort the Salesforce job of a cancelled run"),
+            }
+        });
+    }
+}
+
+async fn read_page(response: reqwest::Response, job_id: &str, number: u32) -> Result<Page, Failure> {
+    let header_text = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let next = header_text("Sforce-Locator");
+    let declared = header_text("Sforce-NumberOfRecords");
+    let context = format!("downloading page {number} of query job {job_id}");
+    let body = response.bytes().await.map_err(|e| {
+        Failure::Transient(SalesforceError::Transport { context: context.clone(), message: e.to_string() })
+    })?;
+    // A body cut at an arbitrary byte usually breaks the CSV; one cut at a
+    // row boundary shows as a row count short of the header's.
+    let truncated =
+        |message: String| Failure::Transient(SalesforceError::Protocol { context: context.clone(), message });
+    let frame = parse_csv_page(&body).map_err(truncated)?;
+    if let Some(declared) = declared {
+        let declared: usize = declared.trim().parse().map_err(|_| {
+            Failure::Fatal(SalesforceError::Protocol {
+                context: context.clone(),
+                message: format!("Sforce-NumberOfRecords `{declared}` is not a number"),
+            })
+        })?;
+        if declared != frame.height() {
+            return Err(truncated(format!(
+                "Sforce-NumberOfRecords says {declared} rows but the page holds {}",
+                frame.height()
+            )));
+        }
+    }
+    let next_locator = next.filter(|l| !l.is_empty() && l != "null");
+    Ok(Page { number, frame, next_locator })
+}
+
+async fn json_body<T: serde::de::DeserializeOwned>(response: reqwest::Response, context: &str) -> Result<T, Failure> {
+    let bytes = response.bytes().await.map_err(|e| {
+        Failure::Transient(SalesforceError::Transport { context: context.into(), message: e.to_string() })
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        // A JSON body cut short is a dropped connection; anything else is a misunderstanding.
+        let error = SalesforceError::Protocol { context: context.into(), message: e.to_string() };
+        if e.is_eof() { Failure::Transient(error) } else { Failure::Fatal(error) }
+    })
 }
 
 /// Turns a non-2xx response into an error carrying Salesforce's code and message.
-async fn api_error(response: reqwest::Response, job_id: Option<&str>) -> SalesforceError {
+async fn api_error(response: reqwest::Response, job_id: Option<&str>, usage: Option<(u64, u64)>) -> SalesforceError {
     let status = response.status();
     let body = response.bytes().await.unwrap_or_default();
     // Salesforce sends a JSON array of {errorCode, message}; edges and proxies
@@ -322,11 +801,63 @@ async fn api_error(response: reqwest::Response, job_id: Option<&str>) -> Salesfo
             }
             (first.error_code.clone(), message)
         }
-        _ => (
-            status.canonical_reason().unwrap_or("error").to_uppercase().replace(' ', "_"),
-            String::from_utf8_lossy(&body).chars().take(200).collect::<String>().trim().to_string(),
-        ),
+        _ => {
+            let text = String::from_utf8_lossy(&body);
+            let looks_html = text.trim_start().starts_with('<');
+            let message = if text.trim().is_empty() {
+                "(empty body)".to_string()
+            } else if looks_html {
+                "(an HTML page, not a Salesforce API answer)".to_string()
+            } else {
+                text.chars().take(200).collect::<String>().trim().to_string()
+            };
+            (status.canonical_reason().unwrap_or("error").to_uppercase().replace(' ', "_"), message)
+        }
     };
-    let hint = hint_for(status.as_u16(), &error_code, &message);
+    let mut hint = hint_for(status.as_u16(), &error_code, &message);
+    if error_code == "REQUEST_LIMIT_EXCEEDED"
+        && let Some((used, max)) = usage
+    {
+        hint = format!("{hint} (last Sforce-Limit-Info: {used} of {max} used)");
+    }
     SalesforceError::Api { status: status.as_u16(), error_code, message, job_id: job_id.map(str::to_string), hint }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_info_parses_plain_and_per_app_forms() {
+        assert_eq!(parse_limit_info("api-usage=10018/100000"), Some((10018, 100000)));
+        assert_eq!(
+            parse_limit_info("api-usage=25/5000; per-app-api-usage=17/250(appName=sample-connected-app)"),
+            Some((25, 5000))
+        );
+        assert_eq!(parse_limit_info("nonsense"), None);
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let policy = RetryPolicy {
+            per_request: 4,
+            per_run: 10,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        let delays: Vec<Duration> = policy.backoff().collect();
+        assert_eq!(delays.len(), 4);
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)), "{delays:?}");
+        assert!(delays[3] >= Duration::from_millis(800), "{delays:?}");
+    }
+
+    #[test]
+    fn only_transient_statuses_are_retried() {
+        for s in [500, 502, 503, 504, 429, 420, 406] {
+            assert!(is_transient_status(s), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 415] {
+            assert!(!is_transient_status(s), "{s}");
+        }
+    }
 }

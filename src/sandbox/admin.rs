@@ -57,20 +57,17 @@ async fn change(
     Path((object, action)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let count = || -> Result<usize, Response> {
-        q.get("count")
-            .ok_or_else(|| bad_request("give ?count=N".into()))?
-            .parse()
-            .map_err(|_| bad_request("count must be a whole number".into()))
+    let count = || -> Result<usize, String> {
+        q.get("count").ok_or("give ?count=N")?.parse().map_err(|_| "count must be a whole number".to_owned())
     };
     let result: Result<Vec<String>, SandboxError> = match action.as_str() {
         "update" => match count() {
             Ok(n) => sandbox.update_records(&object, n),
-            Err(r) => return r,
+            Err(message) => return bad_request(message),
         },
         "insert" => match count() {
             Ok(n) => sandbox.insert_records(&object, n),
-            Err(r) => return r,
+            Err(message) => return bad_request(message),
         },
         "delete" => {
             let ids: Vec<String> = q

@@ -43,7 +43,7 @@ impl ColumnDelimiter {
         }
     }
 
-    fn char(self) -> char {
+    pub(crate) fn char(self) -> char {
         match self {
             ColumnDelimiter::Comma => ',',
             ColumnDelimiter::Tab => '\t',

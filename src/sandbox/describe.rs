@@ -99,9 +99,9 @@ fn field(f: &Field) -> FieldDescribe {
     let system = matches!(f.name, "Id" | "CreatedDate" | "LastModifiedDate" | "SystemModstamp" | "IsDeleted");
     let (precision, scale) = f.ftype.precision_scale();
     // Lookups follow Salesforce's naming: `OwnerId` → relationship `Owner`.
-    let (reference_to, relationship_name) = match (f.ftype, f.name) {
-        (FieldType::Reference, "OwnerId") => (vec!["User"], Some("Owner")),
-        (FieldType::Reference, name) => (Vec::new(), name.strip_suffix("Id")),
+    let (reference_to, relationship_name) = match (f.ftype, super::generate::lookup_target(f.name)) {
+        (FieldType::Reference, Some((relationship, target))) => (vec![target], Some(relationship)),
+        (FieldType::Reference, None) => (Vec::new(), f.name.strip_suffix("Id")),
         _ => (Vec::new(), None),
     };
     let compound_field_name =

@@ -21,8 +21,23 @@ pub(crate) struct ObjectSpec {
     pub mutate: fn(row: &mut [Option<Value>], rng: &mut fastrand::Rng),
 }
 
-pub(crate) const OBJECTS: &[ObjectSpec] =
-    &[ObjectSpec { name: "Account", schema: account_schema, generate: generate_account, mutate: mutate_account }];
+pub(crate) const OBJECTS: &[ObjectSpec] = &[
+    ObjectSpec { name: "Account", schema: account_schema, generate: generate_account, mutate: mutate_account },
+    ObjectSpec { name: "User", schema: user_schema, generate: generate_user, mutate: mutate_user },
+];
+
+/// Users every org has: generated Accounts are owned by these, so
+/// `Owner.Email` resolves even when only Accounts are asked for.
+pub(crate) const DEFAULT_USERS: usize = 8;
+
+/// The object a lookup field points at, and its relationship name, as
+/// describe reports them and SOQL resolves `Owner.Email`.
+pub(crate) fn lookup_target(field: &str) -> Option<(&'static str, &'static str)> {
+    match field {
+        "OwnerId" => Some(("Owner", "User")),
+        _ => None,
+    }
+}
 
 pub(crate) fn find_object(name: &str) -> Option<&'static ObjectSpec> {
     OBJECTS.iter().find(|o| o.name.eq_ignore_ascii_case(name))
@@ -84,6 +99,58 @@ fn account_schema() -> Schema {
             field("IsDeleted", "Deleted", T::Boolean, false),
             field("OwnerId", "Owner ID", T::Reference, false),
         ],
+    }
+}
+
+fn user_schema() -> Schema {
+    use FieldType as T;
+    Schema {
+        name: "User",
+        key_prefix: "005",
+        fields: vec![
+            field("Id", "User ID", T::Id, false),
+            field("Username", "Username", T::String, false),
+            field("Name", "Full Name", T::String, false),
+            field("Email", "Email", T::Email, false),
+            field("IsActive", "Active", T::Boolean, false),
+            field("CreatedDate", "Created Date", T::DateTime, false),
+            field("LastModifiedDate", "Last Modified Date", T::DateTime, false),
+            field("SystemModstamp", "System Modstamp", T::DateTime, false),
+        ],
+    }
+}
+
+const USER_SALT: u64 = 0x5E40_0000_0000_0005;
+const FIRST_NAMES: &[&str] = &["Ada", "Björn", "Chloé", "Dmitri", "Eun-ji", "Fatima", "Grace", "Hiro", "Ines", "José"];
+const LAST_NAMES: &[&str] = &["O'Brien", "Nakamura", "Schröder", "Okafor", "García", "Lindqvist", "Dubois", "Kowalski"];
+
+fn generate_user(seed: u64, index: u64, start: DateTime<Utc>) -> Vec<Option<Value>> {
+    let mut rng = row_rng(seed, USER_SALT, index);
+    let first = pick(&mut rng, FIRST_NAMES);
+    let last = pick(&mut rng, LAST_NAMES);
+    let local: String = format!("{first}.{last}{}", index + 1)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+        .collect::<String>()
+        .to_lowercase();
+    let created = start - Duration::days(400 + i64::from(rng.u16(..300)));
+    let modified = start - Duration::days(31 + i64::from(rng.u16(..60)));
+    vec![
+        Some(Value::text(make_id("005", index + 1))),
+        Some(Value::text(format!("{local}@nightjar.sandbox"))),
+        Some(Value::text(format!("{first} {last}"))),
+        Some(Value::text(format!("{local}@example.com"))),
+        Some(Value::Bool(true)),
+        Some(Value::DateTime(created)),
+        Some(Value::DateTime(modified)),
+        Some(Value::DateTime(modified)),
+    ]
+}
+
+fn mutate_user(row: &mut [Option<Value>], rng: &mut fastrand::Rng) {
+    const EMAIL: usize = 3;
+    if let Some(slot) = row.get_mut(EMAIL) {
+        *slot = Some(Value::text(format!("changed{}@example.com", rng.u32(..100_000))));
     }
 }
 

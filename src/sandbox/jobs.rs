@@ -222,13 +222,35 @@ fn decode_locator(locator: &str) -> Option<usize> {
     std::str::from_utf8(&bytes).ok()?.parse().ok()
 }
 
+/// Appends each relationship column's value (the parent's field, or null
+/// when the lookup is null or dangling) to a copy of the row.
+fn with_parent_values(row: &Row, parents: &[(soql::Join, &'static str, Arc<Vec<Row>>)]) -> Row {
+    let mut extended = row.to_vec();
+    for (join, key_prefix, parent_rows) in parents {
+        let value = row
+            .get(join.fk_col)
+            .and_then(Option::as_ref)
+            .and_then(|id| super::data::id_serial(key_prefix, &id.render()))
+            .and_then(|serial| usize::try_from(serial.checked_sub(1)?).ok())
+            .and_then(|position| parent_rows.get(position))
+            .and_then(|parent| parent.get(join.parent_col).cloned().flatten());
+        extended.push(value);
+    }
+    Row::from(extended)
+}
+
 impl Sandbox {
     pub(crate) async fn create_query_job(&self, new: NewQueryJob) -> Result<JobInfo, ApiError> {
-        let (query, rows, deleted_col) = {
+        let (query, rows, deleted_col, parents) = {
             let state = self.lock();
             let query = soql::compile(&new.query, |name| state.table(name).map(|t| &t.schema))?;
             let table = state.table(query.object).ok_or_else(|| ApiError::internal("compiled query names no table"))?;
-            (query, Arc::clone(&table.rows), table.system.deleted)
+            let mut parents = Vec::with_capacity(query.joins.len());
+            for join in &query.joins {
+                let parent = state.table(join.parent).ok_or_else(|| ApiError::internal("a join names no table"))?;
+                parents.push((join.clone(), parent.schema.key_prefix, Arc::clone(&parent.rows)));
+            }
+            (query, Arc::clone(&table.rows), table.system.deleted, parents)
         };
         let object = query.object;
         let header: Arc<[String]> = query.header.clone().into();
@@ -237,7 +259,8 @@ impl Sandbox {
         // The scan can take a while on large tables; it works on a snapshot,
         // so it runs without the lock and off the async workers.
         let results = tokio::task::spawn_blocking(move || {
-            query.execute(&rows, |row| include_deleted || !is_deleted(deleted_col, row))
+            let hits = query.execute(&rows, |row| include_deleted || !is_deleted(deleted_col, row));
+            if parents.is_empty() { hits } else { hits.iter().map(|row| with_parent_values(row, &parents)).collect() }
         })
         .await
         .map_err(|_| ApiError::internal("query evaluation stopped"))?;

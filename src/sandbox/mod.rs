@@ -13,12 +13,14 @@ mod csv_out;
 mod data;
 mod describe;
 mod encoding;
+mod faults;
 mod generate;
 mod http;
+mod ingest;
 mod jobs;
 mod soql;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -27,6 +29,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub use faults::{ErrorBody, Fault, FaultAction, FaultRule, FaultTarget, parse_faults};
 
 use data::{Row, Schema, Value};
 use generate::ObjectSpec;
@@ -50,6 +54,14 @@ pub struct SandboxConfig {
     pub polls_until_complete: u32,
     /// Rows per results page when the client sends no `maxRecords`.
     pub default_page_size: usize,
+    /// The integration user's username: the JWT bearer flow's `sub`.
+    pub username: String,
+    /// PEM public key of the certificate "uploaded to the connected app";
+    /// JWT bearer assertions must verify against it. `None` refuses them.
+    pub jwt_public_key_pem: Option<String>,
+    /// Accepted as a JWT `aud` besides Salesforce's login hosts; the
+    /// sandbox's base URL when started with [`Sandbox::start`].
+    pub audience: String,
 }
 
 impl Default for SandboxConfig {
@@ -62,6 +74,9 @@ impl Default for SandboxConfig {
             client_secret: "sandbox-secret".to_owned(),
             polls_until_complete: 2,
             default_page_size: 100_000,
+            username: "integration@nightjar.sandbox".to_owned(),
+            jwt_public_key_pem: None,
+            audience: String::new(),
         }
     }
 }
@@ -95,6 +110,8 @@ pub enum SandboxError {
     DeletedRecord { object: String, id: String },
     #[error("invalid sandbox configuration: {0}")]
     InvalidConfig(String),
+    #[error("invalid fault spec '{spec}': {reason}")]
+    InvalidFaultSpec { spec: String, reason: String },
 }
 
 /// One record as (field name, CSV text or `None` for null), in schema order.
@@ -108,6 +125,12 @@ pub struct LoggedRequest {
     pub query: Option<String>,
     /// The body as text (lossy for non-UTF-8 bytes).
     pub body: String,
+}
+
+/// An authorization code waiting to be exchanged, with its PKCE challenge.
+struct PendingCode {
+    challenge: Option<String>,
+    redirect_uri: String,
 }
 
 /// Schema positions of the fields the sandbox itself maintains.
@@ -184,9 +207,19 @@ struct State {
     /// Keyed by job id; ids grow with a fixed-width serial, so this is
     /// creation order.
     jobs: BTreeMap<String, QueryJob>,
+    ingest_jobs: ingest::IngestJobs,
     jobs_created: u64,
     tokens: HashSet<String>,
+    refresh_tokens: HashSet<String>,
+    /// Every access and refresh token ever issued, so tests can prove none
+    /// leaked into logs, errors or history.
+    issued: Vec<String>,
+    /// Authorization codes not yet exchanged.
+    auth_codes: HashMap<String, PendingCode>,
     api_requests: u64,
+    /// The org's DailyApiRequests allowance; past it, data calls are refused.
+    api_request_limit: u64,
+    faults: faults::FaultBook,
     log: Vec<LoggedRequest>,
     failures_pending: u32,
     failure_message: String,
@@ -237,7 +270,8 @@ impl Sandbox {
         let tables = generate::OBJECTS
             .iter()
             .map(|spec| {
-                let count = counts.iter().find(|(s, _)| s.name == spec.name).map_or(0, |(_, n)| *n);
+                let default = if spec.name == "User" { generate::DEFAULT_USERS } else { 0 };
+                let count = counts.iter().find(|(s, _)| s.name == spec.name).map_or(default, |(_, n)| *n);
                 let schema = (spec.schema)();
                 let rows =
                     (0..count as u64).map(|i| Row::from((spec.generate)(config.seed, i, config.start))).collect();
@@ -249,9 +283,15 @@ impl Sandbox {
             config,
             tables,
             jobs: BTreeMap::new(),
+            ingest_jobs: BTreeMap::new(),
             jobs_created: 0,
             tokens: HashSet::new(),
+            refresh_tokens: HashSet::new(),
+            issued: Vec::new(),
+            auth_codes: HashMap::new(),
             api_requests: 0,
+            api_request_limit: DEFAULT_API_REQUEST_LIMIT,
+            faults: faults::FaultBook::default(),
             log: Vec::new(),
             failures_pending: 0,
             failure_message: String::new(),
@@ -433,7 +473,67 @@ impl Sandbox {
         state.failures_pending = n;
         state.failure_message = message.to_owned();
     }
+
+    /// Adds the faults of a spec (grammar in `faults.rs`), e.g.
+    /// `http:code=503,on=results,times=2;expire-session:on=poll`.
+    pub fn add_faults(&self, spec: &str) -> Result<(), SandboxError> {
+        for fault in parse_faults(spec)? {
+            self.apply_fault(fault);
+        }
+        Ok(())
+    }
+
+    pub fn apply_fault(&self, fault: Fault) {
+        let mut state = self.lock();
+        match fault {
+            Fault::Rule(rule) => state.faults.add(rule),
+            Fault::FailJobs { times, message } => {
+                state.failures_pending = times;
+                state.failure_message = message;
+            }
+            Fault::SlowJobs { polls } => state.config.polls_until_complete = polls,
+            Fault::ApiBudget { max, used } => {
+                state.api_request_limit = max;
+                state.api_requests = used;
+            }
+        }
+    }
+
+    /// Adds one request-level fault.
+    pub fn inject(&self, rule: FaultRule) {
+        self.lock().faults.add(rule);
+    }
+
+    /// Removes every request-level fault not yet spent.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Expires every access token now; the next data call with one gets 401
+    /// INVALID_SESSION_ID, as after a session timeout or a logout.
+    pub fn expire_sessions(&self) {
+        self.lock().tokens.clear();
+    }
+
+    /// Every access and refresh token issued so far.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().issued.clone()
+    }
+
+    /// Sets the public key (PEM) JWT bearer assertions must verify against.
+    pub fn set_jwt_public_key(&self, pem: &str) {
+        self.lock().config.jwt_public_key_pem = Some(pem.to_owned());
+    }
+
+    /// DailyApiRequests (used, max), as `/limits` and `Sforce-Limit-Info` report them.
+    pub fn api_usage(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.api_requests, state.api_request_limit)
+    }
 }
+
+/// DailyApiRequests of a small org (Salesforce's developer-edition figure).
+const DEFAULT_API_REQUEST_LIMIT: u64 = 15_000;
 
 fn update_positions(state: &mut State, object: &str, positions: &[usize]) -> Result<(), SandboxError> {
     let (seed, now) = (state.config.seed, state.clock);

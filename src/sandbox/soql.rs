@@ -552,18 +552,30 @@ pub(crate) struct BoundQuery {
     pub object: &'static str,
     /// Result header: the field names as written in the SELECT.
     pub header: Vec<String>,
-    /// Schema positions of the selected fields, in SELECT order.
+    /// Schema positions of the selected fields, in SELECT order; a
+    /// relationship field (`Owner.Email`) is `schema width + its index in
+    /// `joins``, a column the job appends to each result row.
     pub columns: Vec<usize>,
+    pub joins: Vec<Join>,
     filter: Option<Cond>,
     order: Vec<OrderKey>,
     limit: Option<usize>,
 }
 
+/// A child-to-parent field in the SELECT: the value of `parent_col` in the
+/// `parent` row whose Id is in `fk_col` (null when the lookup is null).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Join {
+    pub fk_col: usize,
+    pub parent: &'static str,
+    pub parent_col: usize,
+}
+
 /// Parses `src` and binds it to the schema `find_schema` returns for its
-/// FROM object.
+/// FROM object (and for the parents of relationship fields).
 pub(crate) fn compile<'s>(
     src: &str,
-    find_schema: impl FnOnce(&str) -> Option<&'s Schema>,
+    find_schema: impl Fn(&str) -> Option<&'s Schema>,
 ) -> Result<BoundQuery, SoqlError> {
     let parsed = parse(src)?;
     let schema = find_schema(&parsed.object.text).ok_or_else(|| SoqlError {
@@ -572,11 +584,19 @@ pub(crate) fn compile<'s>(
     })?;
     let binder = Binder { schema };
 
-    let mut header = Vec::with_capacity(parsed.fields.len());
+    let mut header: Vec<String> = Vec::with_capacity(parsed.fields.len());
     let mut columns = Vec::with_capacity(parsed.fields.len());
+    let mut joins = Vec::new();
     for field in &parsed.fields {
-        let col = binder.column(field)?;
-        if columns.contains(&col) {
+        let col = match field.text.split_once('.') {
+            Some((relationship, parent_field)) => {
+                let join = binder.join(relationship, parent_field, &find_schema)?;
+                joins.push(join);
+                schema.fields.len() + joins.len() - 1
+            }
+            None => binder.column(field)?,
+        };
+        if columns.contains(&col) || header.iter().any(|h| h.eq_ignore_ascii_case(&field.text)) {
             return Err(SoqlError::malformed(src, field.pos, format!("duplicate field selected: {}", field.text)));
         }
         header.push(field.text.clone());
@@ -597,14 +617,56 @@ pub(crate) fn compile<'s>(
             })
         })
         .collect::<Result<Vec<_>, SoqlError>>()?;
-    Ok(BoundQuery { object: schema.name, header, columns, filter, order, limit: parsed.limit })
+    Ok(BoundQuery { object: schema.name, header, columns, joins, filter, order, limit: parsed.limit })
 }
 
 struct Binder<'s> {
     schema: &'s Schema,
 }
 
-impl Binder<'_> {
+impl<'s> Binder<'s> {
+    /// Resolves `Relationship.Field` (one level, as the lookups the sandbox
+    /// models go one level).
+    fn join(
+        &self,
+        relationship: &str,
+        parent_field: &str,
+        find_schema: &impl Fn(&str) -> Option<&'s Schema>,
+    ) -> Result<Join, SoqlError> {
+        let not_understood = || {
+            SoqlError::invalid_field(format!(
+                "Didn't understand relationship '{relationship}' in field path. If you are \
+                 attempting to use a custom relationship, be sure to append the '__r' after the \
+                 custom relationship name. Please reference your WSDL or the describe call for \
+                 the appropriate names."
+            ))
+        };
+        let (fk_col, target) = self
+            .schema
+            .fields
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| {
+                super::generate::lookup_target(f.name)
+                    .filter(|(rel, _)| rel.eq_ignore_ascii_case(relationship))
+                    .map(|(_, target)| (i, target))
+            })
+            .ok_or_else(not_understood)?;
+        let parent = find_schema(target).ok_or_else(not_understood)?;
+        if parent_field.contains('.') {
+            return Err(not_understood());
+        }
+        let parent_col = parent.index_of(parent_field).ok_or_else(|| {
+            SoqlError::invalid_field(format!(
+                "No such column '{parent_field}' on entity '{}'. If you are attempting to use a \
+                 custom field, be sure to append the '__c' after the custom field name. Please \
+                 reference your WSDL or the describe call for the appropriate names.",
+                parent.name
+            ))
+        })?;
+        Ok(Join { fk_col, parent: parent.name, parent_col })
+    }
+
     fn column(&self, name: &Name) -> Result<usize, SoqlError> {
         if let Some((relationship, _)) = name.text.split_once('.') {
             return Err(SoqlError::invalid_field(format!(

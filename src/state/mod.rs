@@ -14,6 +14,9 @@ use rusqlite_migration::{M, Migrations};
 use serde::Serialize;
 use thiserror::Error;
 
+mod outbox;
+pub use outbox::*;
+
 /// Rejected rows kept per run; the rest are counted, not stored, so one bad
 /// deploy cannot fill the disk.
 pub const REJECTS_KEPT_PER_RUN: usize = 1000;
@@ -26,6 +29,8 @@ pub enum StateError {
     Migrate { path: PathBuf, source: rusqlite_migration::Error },
     #[error("state DB {path}: cannot create its directory: {source}")]
     Dir { path: PathBuf, source: std::io::Error },
+    #[error("state DB {path}: cannot restrict it to its owner (mode 0600): {source}")]
+    Permissions { path: PathBuf, source: std::io::Error },
     #[error("state DB: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("state DB holds an unreadable timestamp `{0}`")]
@@ -33,7 +38,11 @@ pub enum StateError {
 }
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("migrations/001_runs_watermarks.sql"))])
+    Migrations::new(vec![
+        M::up(include_str!("migrations/001_runs_watermarks.sql")),
+        M::up(include_str!("migrations/002_alert_outbox.sql")),
+        M::up(include_str!("migrations/003_oauth_tokens.sql")),
+    ])
 }
 
 pub type RunId = i64;
@@ -254,6 +263,20 @@ impl StateStore {
         new_watermark: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<(), StateError> {
+        self.finish_run_with(run, end, new_watermark, now, |_| Ok(()))
+    }
+
+    /// [`Self::finish_run`], plus `also` (e.g. queueing an alert) inside the
+    /// same transaction: the run row, the watermark and whatever `also`
+    /// writes commit together or not at all.
+    pub fn finish_run_with(
+        &self,
+        run: RunId,
+        end: &RunEnd,
+        new_watermark: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        also: impl FnOnce(&Connection) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let job: String = tx.query_row("SELECT job FROM runs WHERE id = ?1", [run], |r| r.get(0))?;
@@ -288,6 +311,7 @@ impl StateStore {
                 end.error,
             ],
         )?;
+        also(&tx)?;
         tx.commit()?;
         Ok(())
     }
@@ -342,6 +366,64 @@ impl StateStore {
             }
         }
         Ok(out)
+    }
+
+    /// Records a Salesforce job id on a run as soon as the job exists, so a
+    /// run that is cancelled or dies before it closes still names its job.
+    pub fn add_salesforce_job(&self, run: RunId, job_id: &str) -> Result<(), StateError> {
+        self.conn().execute(
+            "UPDATE runs SET sf_job_ids = CASE WHEN sf_job_ids = '' THEN ?2 ELSE sf_job_ids || ',' || ?2 END
+             WHERE id = ?1",
+            params![run, job_id],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a connection's refresh token (from `nightjar auth login`) and
+    /// restricts the state file and its WAL/SHM files to the owner (0600).
+    pub fn store_refresh_token(
+        &self,
+        connection: &str,
+        token: &crate::config::Secret,
+        instance_url: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        self.conn().execute(
+            "INSERT INTO oauth_tokens (connection, refresh_token, instance_url, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (connection) DO UPDATE SET refresh_token = excluded.refresh_token,
+                 instance_url = excluded.instance_url, updated_at = excluded.updated_at",
+            params![connection, token.expose(), instance_url, ts(now)],
+        )?;
+        self.restrict_permissions()
+    }
+
+    pub fn refresh_token(&self, connection: &str) -> Result<Option<crate::config::Secret>, StateError> {
+        let value: Option<String> = self
+            .conn()
+            .query_row("SELECT refresh_token FROM oauth_tokens WHERE connection = ?1", [connection], |r| r.get(0))
+            .optional()?;
+        Ok(value.map(crate::config::Secret::new))
+    }
+
+    #[cfg(unix)]
+    fn restrict_permissions(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut paths = vec![self.path.clone()];
+        for suffix in ["-wal", "-shm"] {
+            let mut name = self.path.clone().into_os_string();
+            name.push(suffix);
+            paths.push(PathBuf::from(name));
+        }
+        for path in paths.iter().filter(|p| p.exists()) {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|source| StateError::Permissions { path: path.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    #[cfg(not(unix))]
+    fn restrict_permissions(&self) -> Result<(), StateError> {
+        Ok(())
     }
 
     pub fn run(&self, id: RunId) -> Result<Option<RunRecord>, StateError> {

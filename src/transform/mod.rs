@@ -13,11 +13,15 @@ use polars::prelude::*;
 use thiserror::Error;
 
 use crate::config::{JobFile, MappingFile};
-pub use cast::{format_timestamp_ms, parse_timestamp_ms};
+pub use cast::{format_timestamp_ms, parse_boolean, parse_float, parse_integer, parse_timestamp_ms};
 
 /// Column carrying each row's cursor value (epoch milliseconds), used to
 /// resolve duplicate keys within one extract and dropped before the target.
 pub const CURSOR_COLUMN: &str = "_nightjar_cursor";
+
+/// Column carrying Salesforce's `IsDeleted` flag (when the job extracts it),
+/// which the target turns into a soft delete, a hard delete, or nothing.
+pub const DELETED_COLUMN: &str = "_nightjar_deleted";
 
 #[derive(Debug, Error)]
 pub enum TransformError {
@@ -104,7 +108,8 @@ pub struct Reject {
 /// A page after mapping: typed rows that passed, and the ones that did not.
 #[derive(Debug)]
 pub struct MappedPage {
-    /// Target columns in schema order, plus [`CURSOR_COLUMN`] when the job has a cursor.
+    /// Target columns in schema order, plus [`CURSOR_COLUMN`] when the job has
+    /// a cursor and [`DELETED_COLUMN`] when it extracts `IsDeleted`.
     pub frame: DataFrame,
     pub rejects: Vec<Reject>,
     pub rows_in: usize,
@@ -116,6 +121,7 @@ pub struct Mapping {
     rules: Vec<ColumnRule>,
     cursor: Option<String>,
     id_field: Option<String>,
+    deleted_field: Option<String>,
     key: Vec<String>,
 }
 
@@ -150,10 +156,12 @@ impl Mapping {
         }
         let fields: Vec<&str> = job.source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
         let id_field = fields.iter().find(|f| f.eq_ignore_ascii_case("Id")).map(|f| f.to_string());
+        let deleted_field = fields.iter().find(|f| f.eq_ignore_ascii_case("IsDeleted")).map(|f| f.to_string());
         Ok(Mapping {
             rules,
             cursor: job.source.cursor.as_ref().map(|c| c.get_ref().clone()),
             id_field,
+            deleted_field,
             key: job.target.key.get_ref().clone(),
         })
     }
@@ -242,6 +250,28 @@ impl Mapping {
                 }
             }
             columns.push(builder.finish(CURSOR_COLUMN));
+        }
+
+        if let Some(deleted) = &self.deleted_field {
+            let source = text_column(deleted)?;
+            let mut builder = TypedBuilder::new(ColumnType::Boolean, height);
+            for (row, raw) in source.iter().enumerate() {
+                match raw {
+                    Some(text) if builder.push(text).is_ok() => {}
+                    // Salesforce always fills IsDeleted; anything else is not trustworthy enough to delete on.
+                    other => {
+                        reject(
+                            row,
+                            &mut keep,
+                            deleted,
+                            other,
+                            format!("`{deleted}` must be true or false, got {}", describe(other)),
+                        );
+                        builder.push_null();
+                    }
+                }
+            }
+            columns.push(builder.finish(DELETED_COLUMN));
         }
 
         // Columns are checked one after another; report rejects in row order.

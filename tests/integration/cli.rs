@@ -89,14 +89,22 @@ fn a_missing_environment_variable_names_itself() {
 }
 
 /// Parses the demo's `run N job: succeeded — extracted X rows in P pages; inserted I, updated U, ...` lines.
-fn run_lines(out: &str) -> Vec<(u64, u64, u64, u64)> {
+fn run_lines(out: &str) -> Vec<(u64, u64, u64, u64, u64)> {
     let number = |line: &str, label: &str| -> u64 {
         let rest = &line[line.find(label).unwrap_or_else(|| panic!("{label} in {line}")) + label.len()..];
         rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
     };
     out.lines()
         .filter(|l| l.trim_start().starts_with("run ") && l.contains("extracted"))
-        .map(|l| (number(l, "extracted"), number(l, "inserted"), number(l, "updated"), number(l, "unchanged")))
+        .map(|l| {
+            (
+                number(l, "extracted"),
+                number(l, "inserted"),
+                number(l, "updated"),
+                number(l, "deleted"),
+                number(l, "unchanged"),
+            )
+        })
         .collect()
 }
 
@@ -109,13 +117,14 @@ fn demo_runs_twice_and_the_warehouse_holds_what_it_printed() {
 
     let runs = run_lines(&text);
     assert_eq!(runs.len(), 2, "{text}");
-    let (extracted1, inserted1, _, _) = runs[0];
-    let (extracted2, inserted2, updated2, _) = runs[1];
+    let (extracted1, inserted1, _, _, _) = runs[0];
+    let (extracted2, inserted2, updated2, deleted2, _) = runs[1];
     assert_eq!(extracted1, nightjar::demo::DEMO_RECORDS as u64);
     assert_eq!(inserted1, extracted1);
     assert_eq!(inserted2, nightjar::demo::DEMO_INSERTS as u64);
     assert_eq!(updated2, nightjar::demo::DEMO_UPDATES as u64);
-    assert_eq!(extracted2, inserted2 + updated2, "the second run moved only changed and new rows");
+    assert_eq!(deleted2, nightjar::demo::DEMO_DELETES as u64);
+    assert_eq!(extracted2, inserted2 + updated2 + deleted2, "the second run moved only changed, new and deleted rows");
 
     let history_start = text.find("history").expect("history printed");
     assert_eq!(text[history_start..].matches("succeeded").count(), 2, "{text}");
@@ -130,7 +139,10 @@ fn demo_runs_twice_and_the_warehouse_holds_what_it_printed() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(second_run_rows as u64, inserted2 + updated2);
+    assert_eq!(second_run_rows as u64, inserted2 + updated2 + deleted2);
+    let soft_deleted: i64 =
+        conn.query_row("SELECT count(*) FROM account WHERE _deleted = 1", [], |r| r.get(0)).unwrap();
+    assert_eq!(soft_deleted as u64, deleted2, "deletes arrive as soft deletes");
 
     // `nightjar history` reads the same state afterwards.
     let history = nightjar(dir.path(), &["history", "--json"]);
@@ -144,6 +156,6 @@ fn demo_runs_twice_and_the_warehouse_holds_what_it_printed() {
     assert_eq!(run_lines(&stdout(&again)), runs_of(&text));
 }
 
-fn runs_of(text: &str) -> Vec<(u64, u64, u64, u64)> {
+fn runs_of(text: &str) -> Vec<(u64, u64, u64, u64, u64)> {
     run_lines(text)
 }

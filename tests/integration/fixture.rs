@@ -37,6 +37,44 @@ pub const FIELDS: &[&str] = &[
     "OwnerId",
 ];
 
+/// Where the fixture's job loads.
+#[derive(Clone)]
+pub enum TargetKind {
+    Sqlite,
+    /// A Postgres URL and a schema-qualified table name.
+    Postgres {
+        url: String,
+        table: String,
+    },
+    /// A snapshot file `state/lake/account.<format>`.
+    Files {
+        format: &'static str,
+    },
+}
+
+/// Knobs for [`Fixture::build`]; [`Fixture::new`] takes the defaults.
+#[derive(Clone)]
+pub struct FixtureOptions {
+    pub accounts: usize,
+    pub page_size: u32,
+    pub target: TargetKind,
+    /// `soft`, `hard` or `ignore`; anything but `ignore` also extracts with queryAll.
+    pub deletes: &'static str,
+    pub schema_evolution: &'static str,
+}
+
+impl Default for FixtureOptions {
+    fn default() -> Self {
+        FixtureOptions {
+            accounts: 100,
+            page_size: 1_000,
+            target: TargetKind::Sqlite,
+            deletes: "ignore",
+            schema_evolution: "fail",
+        }
+    }
+}
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub sandbox: Sandbox,
@@ -57,11 +95,15 @@ impl Fixture {
     /// that maps every field as text (SystemModstamp as timestamp) with the
     /// given page size, no lookback and a 2-minute settle.
     pub async fn new(accounts: usize, page_size: u32) -> Fixture {
-        let config = SandboxConfig { objects: vec![("Account".into(), accounts)], ..SandboxConfig::default() };
+        Fixture::build(FixtureOptions { accounts, page_size, ..FixtureOptions::default() }).await
+    }
+
+    pub async fn build(options: FixtureOptions) -> Fixture {
+        let config = SandboxConfig { objects: vec![("Account".into(), options.accounts)], ..SandboxConfig::default() };
         let sandbox = Sandbox::new(config.clone()).expect("sandbox config is valid");
         let running = sandbox.start(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("sandbox listens");
         let dir = tempfile::tempdir().expect("temp dir");
-        write_project(dir.path(), running.base_url(), &config, page_size);
+        write_project(dir.path(), running.base_url(), &config, &options);
         let project =
             Project::load(&dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
         let state = StateStore::open(&dir.path().join("state/nightjar.db")).expect("state opens");
@@ -70,6 +112,12 @@ impl Fixture {
 
     pub async fn run(&self) -> RunReport {
         run_job(&self.project, &self.state, "accounts", "test").await.expect("run is recorded")
+    }
+
+    /// Re-reads the config files (after a test edited them).
+    pub fn reload(&mut self) {
+        self.project =
+            Project::load(&self.dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
     }
 
     pub fn advance(&self, minutes: u64) {
@@ -98,7 +146,21 @@ impl Fixture {
     }
 }
 
-fn write_project(dir: &Path, base_url: &str, sandbox: &SandboxConfig, page_size: u32) {
+fn write_project(dir: &Path, base_url: &str, sandbox: &SandboxConfig, options: &FixtureOptions) {
+    let page_size = options.page_size;
+    let target_connection = match &options.target {
+        TargetKind::Sqlite => "[connections.wh]\nkind = \"sqlite\"\npath = \"state/warehouse.db\"\n".to_string(),
+        TargetKind::Postgres { url, .. } => format!("[connections.wh]\nkind = \"postgres\"\nurl = \"{url}\"\n"),
+        TargetKind::Files { format } => {
+            format!("[connections.wh]\nkind = \"files\"\npath = \"state/lake\"\nformat = \"{format}\"\n")
+        }
+    };
+    let table = match &options.target {
+        TargetKind::Sqlite | TargetKind::Files { .. } => "account".to_string(),
+        TargetKind::Postgres { table, .. } => table.clone(),
+    };
+    let include_deleted = options.deletes != "ignore";
+    let (deletes, evolution) = (options.deletes, options.schema_evolution);
     std::fs::create_dir_all(dir.join("jobs")).unwrap();
     std::fs::create_dir_all(dir.join("mappings")).unwrap();
     std::fs::write(
@@ -114,10 +176,7 @@ auth = "client_credentials"
 client_id = "{}"
 client_secret = "{}"
 
-[connections.wh]
-kind = "sqlite"
-path = "state/warehouse.db"
-"#,
+{target_connection}"#,
             sandbox.client_id, sandbox.client_secret
         ),
     )
@@ -133,14 +192,17 @@ fields = [{fields}]
 cursor = "SystemModstamp"
 settle = "2m"
 page_size = {page_size}
+include_deleted = {include_deleted}
 
 [transform]
 mapping = "accounts"
 
 [target]
 connection = "wh"
-table = "account"
+table = "{table}"
 key = ["id"]
+deletes = "{deletes}"
+schema_evolution = "{evolution}"
 "#
         ),
     )

@@ -2,6 +2,11 @@
 //! files, and the real `nightjar` binary. One test binary (modules below)
 //! so the release build links once.
 
+mod alerts;
 mod cli;
+mod crash;
+mod files;
 mod fixture;
 mod pipeline;
+mod postgres;
+mod salesforce;

@@ -4,7 +4,7 @@
 use nightjar::state::{HistoryFilter, RunStatus};
 use rusqlite::types::Value;
 
-use crate::fixture::{FIELDS, Fixture, column_for};
+use crate::fixture::{FIELDS, Fixture, FixtureOptions, column_for};
 
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -158,4 +158,49 @@ async fn wrong_credentials_fail_the_run_with_a_remedy() {
     assert!(error.contains("login refused") && error.contains("client_secret"), "{error}");
     assert!(!error.contains("not-the-secret"), "secrets never appear in errors");
     assert_eq!(fx.state.watermark("accounts").unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_soft_and_hard_deletes() {
+    for mode in ["soft", "hard"] {
+        let fx = Fixture::build(FixtureOptions { accounts: 40, deletes: mode, ..Default::default() }).await;
+        fx.advance(60);
+        assert_eq!(fx.run().await.status, RunStatus::Succeeded);
+        let ids: Vec<String> =
+            fx.sandbox.records("Account").unwrap().iter().take(3).map(|r| r[0].1.clone().unwrap()).collect();
+        fx.sandbox.delete_records("Account", &ids).unwrap();
+        fx.advance(5);
+        let report = fx.run().await;
+        assert_eq!(report.status, RunStatus::Succeeded, "{:?}", report.error);
+        assert_eq!((report.counts.deleted, report.counts.updated, report.counts.inserted), (3, 0, 0), "{mode}");
+        let conn = rusqlite::Connection::open(fx.warehouse()).unwrap();
+        let rows: i64 = conn.query_row("SELECT count(*) FROM account", [], |r| r.get(0)).unwrap();
+        if mode == "soft" {
+            assert_eq!(rows, 40);
+            let flagged: Vec<String> = conn
+                .prepare("SELECT id FROM account WHERE _deleted = 1 ORDER BY id")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let mut expected = ids.clone();
+            expected.sort();
+            assert_eq!(flagged, expected);
+        } else {
+            assert_eq!(rows, 37);
+            let left: i64 = conn
+                .query_row("SELECT count(*) FROM account WHERE id IN (?1, ?2, ?3)", [&ids[0], &ids[1], &ids[2]], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(left, 0);
+        }
+        let before = fx.table();
+        fx.state.clear_watermark("accounts").unwrap();
+        let again = fx.run().await;
+        assert_eq!(again.status, RunStatus::Succeeded, "{:?}", again.error);
+        assert_eq!((again.counts.inserted, again.counts.updated, again.counts.deleted), (0, 0, 0), "{mode}");
+        assert_eq!(fx.table(), before, "re-running the window with deletes changes nothing ({mode})");
+    }
 }

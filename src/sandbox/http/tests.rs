@@ -447,3 +447,274 @@ async fn create_errors_options_snapshots_and_faults() {
     assert_eq!(list["records"].as_array().unwrap().len(), 5);
     running.shutdown().await;
 }
+
+/// The JWT bearer grant with Salesforce's answers to a bad assertion,
+/// signed with the test-only key pair in tests/fixtures.
+#[tokio::test]
+async fn jwt_bearer_grant_verifies_the_assertion() {
+    let sandbox = Sandbox::new(SandboxConfig {
+        jwt_public_key_pem: Some(include_str!("../../../tests/fixtures/jwt-test-key.pub.pem").to_owned()),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let running = sandbox.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let client = reqwest::Client::new();
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!("../../../tests/fixtures/jwt-test-key.pem")).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let base = running.base_url().to_owned();
+    let grant = |iss: &str, sub: &str, aud: &str, exp: i64| {
+        let claims = json!({ "iss": iss, "sub": sub, "aud": aud, "exp": exp });
+        let assertion =
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), &claims, &key).unwrap();
+        client
+            .post(running.token_url())
+            .form(&[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)])
+            .send()
+    };
+    let user = "integration@nightjar.sandbox";
+    let response = grant("nightjar-sandbox", user, &base, now + 180).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Json = response.json().await.unwrap();
+    assert!(body["access_token"].as_str().unwrap().starts_with("00D"));
+    assert!(body.get("signature").is_none() && body.get("issued_at").is_none() && body.get("refresh_token").is_none());
+    let response = grant("nightjar-sandbox", user, "https://login.salesforce.com", now + 180).await.unwrap();
+    assert_eq!(response.status(), 200, "Salesforce's own audience is accepted");
+
+    for (iss, sub, aud, exp, error, description) in [
+        ("nightjar-sandbox", user, base.as_str(), now - 10, "invalid_grant", "invalid assertion"),
+        ("nightjar-sandbox", user, "https://evil.example", now + 180, "invalid_grant", "audience is invalid"),
+        ("someone-else", user, base.as_str(), now + 180, "invalid_client_id", "client identifier invalid"),
+        ("nightjar-sandbox", "x@y.z", base.as_str(), now + 180, "invalid_grant", "user hasn't approved this consumer"),
+    ] {
+        let response = grant(iss, sub, aud, exp).await.unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Json = response.json().await.unwrap();
+        assert_eq!(
+            (body["error"].as_str().unwrap(), body["error_description"].as_str().unwrap()),
+            (error, description)
+        );
+    }
+    // An assertion signed with another key does not verify.
+    let mut forged = grant_body_with_other_key();
+    forged.push(("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()));
+    let response = client.post(running.token_url()).form(&forged).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    running.shutdown().await;
+}
+
+/// A syntactically valid RS256 assertion whose signature is garbage.
+fn grant_body_with_other_key() -> Vec<(&'static str, String)> {
+    let header = super::super::encoding::base64_encode(br#"{"alg":"RS256","typ":"JWT"}"#, false);
+    let claims = super::super::encoding::base64_encode(br#"{"iss":"nightjar-sandbox","sub":"integration@nightjar.sandbox","aud":"https://login.salesforce.com","exp":99999999999}"#, false);
+    vec![("assertion", format!("{header}.{claims}.c2lnbmF0dXJl"))]
+}
+
+/// The web-server flow: authorize redirects with a code, the exchange
+/// checks the PKCE verifier, refresh tokens work until revoked.
+#[tokio::test]
+async fn authorization_code_with_pkce_refresh_and_revoke() {
+    use sha2::Digest;
+    let (sandbox, running, _) = start(1).await;
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let verifier = "a-verifier-of-at-least-forty-three-characters-0123456789";
+    let challenge = super::base64url(&sha2::Sha256::digest(verifier.as_bytes()));
+    let redirect = "http://localhost:1717/oauth/callback";
+    let authorize = |challenge: String| {
+        client
+            .get(format!("{}/services/oauth2/authorize", running.base_url()))
+            .query(&[
+                ("response_type", "code"),
+                ("client_id", "nightjar-sandbox"),
+                ("redirect_uri", redirect),
+                ("code_challenge", challenge.as_str()),
+                ("code_challenge_method", "S256"),
+                ("state", "xyz"),
+            ])
+            .send()
+    };
+    let code_of = |response: reqwest::Response| {
+        assert_eq!(response.status(), 302);
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.starts_with(redirect) && location.ends_with("&state=xyz"), "{location}");
+        let code = location.split("code=").nth(1).unwrap().split('&').next().unwrap().to_owned();
+        super::super::encoding::form_decode(&code)
+    };
+    let exchange = |code: String, verifier: Option<&str>| {
+        let mut form = vec![
+            ("grant_type", "authorization_code".to_owned()),
+            ("code", code),
+            ("client_id", "nightjar-sandbox".into()),
+            ("client_secret", "sandbox-secret".into()),
+            ("redirect_uri", redirect.into()),
+        ];
+        if let Some(v) = verifier {
+            form.push(("code_verifier", v.into()));
+        }
+        client.post(running.token_url()).form(&form).send()
+    };
+    let oauth_error = |body: Json| {
+        (body["error"].as_str().unwrap().to_owned(), body["error_description"].as_str().unwrap().to_owned())
+    };
+
+    let code = code_of(authorize(challenge.clone()).await.unwrap());
+    let wrong = exchange(code, Some("not-the-verifier")).await.unwrap();
+    assert_eq!(oauth_error(wrong.json().await.unwrap()).0, "invalid_request");
+    let code = code_of(authorize(challenge.clone()).await.unwrap());
+    let missing = exchange(code, None).await.unwrap();
+    assert_eq!(oauth_error(missing.json().await.unwrap()), ("invalid_grant".into(), "invalid code verifier".into()));
+
+    let code = code_of(authorize(challenge.clone()).await.unwrap());
+    let ok = exchange(code.clone(), Some(verifier)).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let body: Json = ok.json().await.unwrap();
+    let refresh = body["refresh_token"].as_str().unwrap().to_owned();
+    let again = exchange(code, Some(verifier)).await.unwrap();
+    assert_eq!(oauth_error(again.json().await.unwrap()).0, "invalid_grant", "codes are single-use");
+
+    let refresh_grant = || {
+        client
+            .post(running.token_url())
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh.as_str()),
+                ("client_id", "nightjar-sandbox"),
+                ("client_secret", "sandbox-secret"),
+            ])
+            .send()
+    };
+    assert_eq!(refresh_grant().await.unwrap().status(), 200);
+    let revoke = |token: String| {
+        client.post(format!("{}/services/oauth2/revoke", running.base_url())).form(&[("token", token)]).send()
+    };
+    assert_eq!(revoke(refresh.clone()).await.unwrap().status(), 200);
+    assert_eq!(revoke(refresh.clone()).await.unwrap().status(), 400, "unknown tokens are invalid_token");
+    let refused = refresh_grant().await.unwrap();
+    assert_eq!(
+        oauth_error(refused.json().await.unwrap()),
+        ("invalid_grant".into(), "expired access/refresh token".into())
+    );
+    assert!(sandbox.issued_tokens().contains(&refresh));
+    running.shutdown().await;
+}
+
+/// A Bulk API 2.0 ingest job end to end (§2): create Open, upload once,
+/// close, poll to JobComplete, result CSVs, and the rows in the table.
+#[tokio::test]
+async fn ingest_job_lifecycle_and_results() {
+    let (sandbox, running, client) = start(3).await;
+    let token = token(&client, &running).await;
+    let ingest_url = format!("{}/services/data/{V}/jobs/ingest", running.base_url());
+    let existing = sandbox.records("Account").unwrap()[0][0].1.clone().unwrap();
+
+    let create = |operation: &str| {
+        client
+            .post(&ingest_url)
+            .bearer_auth(&token)
+            .json(&json!({"object": "Account", "operation": operation, "contentType": "CSV", "lineEnding": "LF"}))
+            .send()
+    };
+    let response = create("insert").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let info: Json = response.json().await.unwrap();
+    assert_eq!(info["state"], "Open");
+    let id = info["id"].as_str().unwrap().to_owned();
+    assert_eq!(info["contentUrl"], format!("services/data/v62.0/jobs/ingest/{id}/batches"));
+
+    let csv = "Name,AnnualRevenue,Description\n\"Acme, Inc\",1250.5,\"multi\nline\"\n,10,no name\n";
+    let put = |body: &'static str| {
+        client
+            .put(format!("{ingest_url}/{id}/batches"))
+            .bearer_auth(&token)
+            .header("content-type", "text/csv")
+            .body(body)
+            .send()
+    };
+    let uploaded = put(csv).await.unwrap();
+    assert_eq!(uploaded.status(), 201);
+    assert!(uploaded.text().await.unwrap().is_empty());
+    assert_eq!(error_code(put(csv).await.unwrap()).await.1, "INVALIDJOBSTATE", "data is uploaded once");
+    let close = client
+        .patch(format!("{ingest_url}/{id}"))
+        .bearer_auth(&token)
+        .json(&json!({"state": "UploadComplete"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(close.status(), 200);
+    let mut info = Json::Null;
+    for _ in 0..5 {
+        info = client.get(format!("{ingest_url}/{id}")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if info["state"] == "JobComplete" {
+            break;
+        }
+    }
+    assert_eq!(info["state"], "JobComplete");
+    assert_eq!((info["numberRecordsProcessed"].as_u64(), info["numberRecordsFailed"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(info["jobType"], "V2Ingest");
+
+    let results = |kind: &str| client.get(format!("{ingest_url}/{id}/{kind}/")).bearer_auth(&token).send();
+    let ok = results("successfulResults").await.unwrap().text().await.unwrap();
+    let (header, rows) = parse_csv(&ok, b',');
+    assert_eq!(header, ["sf__Id", "sf__Created", "Name", "AnnualRevenue", "Description"]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0][1].as_str(), rows[0][2].as_str(), rows[0][4].as_str()), ("true", "Acme, Inc", "multi\nline"));
+    let new_id = rows[0][0].clone();
+    let failed = results("failedResults").await.unwrap().text().await.unwrap();
+    let (header, rows) = parse_csv(&failed, b',');
+    assert_eq!(&header[..2], ["sf__Id", "sf__Error"]);
+    assert_eq!(rows[0][1], "REQUIRED_FIELD_MISSING:Required fields are missing: [Name]:Name --");
+    let unprocessed = results("unprocessedrecords").await.unwrap().text().await.unwrap();
+    assert_eq!(parse_csv(&unprocessed, b',').1.len(), 0);
+
+    let records = sandbox.records("Account").unwrap();
+    let inserted = records.iter().find(|r| r[0].1.as_deref() == Some(new_id.as_str())).expect("the new row exists");
+    let field =
+        |r: &[(String, Option<String>)], name: &str| r.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.clone());
+    assert_eq!(field(inserted, "AnnualRevenue").as_deref(), Some("1250.50"));
+    assert_eq!(field(inserted, "CreatedDate"), Some(super::super::data::Value::DateTime(sandbox.now()).render()));
+
+    // Update then delete the first generated row; #N/A sets null, empty leaves as is.
+    for (operation, body) in [
+        ("update", format!("Id,Name,Description,Phone\n{existing},Renamed,#N/A,\n")),
+        ("delete", format!("Id\n{existing}\n")),
+    ] {
+        let info: Json = create(operation).await.unwrap().json().await.unwrap();
+        let job = info["id"].as_str().unwrap().to_owned();
+        let put =
+            client.put(format!("{ingest_url}/{job}/batches")).bearer_auth(&token).body(body).send().await.unwrap();
+        assert_eq!(put.status(), 201);
+        client
+            .patch(format!("{ingest_url}/{job}"))
+            .bearer_auth(&token)
+            .json(&json!({"state": "UploadComplete"}))
+            .send()
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            client.get(format!("{ingest_url}/{job}")).bearer_auth(&token).send().await.unwrap();
+        }
+        if operation == "update" {
+            let row = sandbox
+                .records("Account")
+                .unwrap()
+                .into_iter()
+                .find(|r| r[0].1.as_deref() == Some(existing.as_str()))
+                .unwrap();
+            assert_eq!(field(&row, "Name").as_deref(), Some("Renamed"));
+            assert_eq!(field(&row, "Description"), None);
+            assert!(field(&row, "Phone").is_some(), "an empty cell leaves the value unchanged");
+        }
+    }
+    let row =
+        sandbox.records("Account").unwrap().into_iter().find(|r| r[0].1.as_deref() == Some(existing.as_str())).unwrap();
+    assert_eq!(field(&row, "IsDeleted").as_deref(), Some("true"));
+
+    let list: Json = client.get(&ingest_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["records"].as_array().unwrap().len(), 3);
+    let deleted = client.delete(format!("{ingest_url}/{id}")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    let gone = client.get(format!("{ingest_url}/{id}")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(error_code(gone).await.0, 404);
+    running.shutdown().await;
+}

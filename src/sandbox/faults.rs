@@ -1,0 +1,402 @@
+//! Fault injection: what real orgs do to clients on a bad day, on demand.
+//!
+//! A fault spec (`nightjar sandbox --faults SPEC`, or [`Sandbox::add_faults`]
+//! from tests) is a `;`-separated list of faults, each `KIND[:OPTION,...]`
+//! with options `key=value`:
+//!
+//! ```text
+//! expire-session[:on=WHERE,nth=N,times=K]  expire every session and answer 401 INVALID_SESSION_ID
+//!                                          "Session expired or invalid" (a refresh cures it)
+//! rest-api-scope[:on=..,nth=..,times=..]   401 INVALID_SESSION_ID "This session is not valid for
+//!                                          use with the REST API" (a refresh does not cure it)
+//! limit-exceeded[:on=..,nth=..,times=..]   403 REQUEST_LIMIT_EXCEEDED "TotalRequests Limit exceeded."
+//! http:code=503[,body=html|empty|json][,on=..,nth=..,times=..]
+//!                                          answer with that status (5xx, 429, 420, ...) and body
+//! drop[:on=..,nth=..,times=..]             send the real response's headers and half its body,
+//!                                          then drop the connection
+//! delay:ms=N[,on=..,nth=..,times=..]       answer N milliseconds late
+//! fail-job[:times=K,message=TEXT]          the next K query jobs end Failed with errorMessage TEXT
+//!                                          (message last: it may contain `,` and `=`, not `;`)
+//! slow-jobs:polls=N                        query jobs need N polls to complete
+//! api-budget:max=N[,used=U]                DailyApiRequests allowance N, U already used; past it
+//!                                          every data call but /limits answers REQUEST_LIMIT_EXCEEDED
+//! ```
+//!
+//! `on` picks the requests a fault counts: `any` (default), `token`,
+//! `create`, `poll`, `results`, `abort`, `limits`, `describe`, or a path
+//! fragment starting with `/`. The fault hits matching requests number
+//! `nth` (default 1) through `nth + times - 1` (default `times=1`), counted
+//! from when it was added. Example:
+//!
+//! ```text
+//! http:code=503,body=html,on=results,times=2;expire-session:on=results,nth=2;api-budget:max=500
+//! ```
+
+use std::time::Duration;
+
+use super::SandboxError;
+
+/// Which requests a fault watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultTarget {
+    Any,
+    Token,
+    Create,
+    Poll,
+    Results,
+    Abort,
+    Limits,
+    Describe,
+    /// Requests whose path contains this text.
+    Path(String),
+}
+
+/// The kind of endpoint a request hits, as faults see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Token,
+    Create,
+    Poll,
+    Results,
+    Abort,
+    Limits,
+    Describe,
+    Other,
+}
+
+impl Endpoint {
+    pub(crate) fn classify(method: &str, path: &str) -> Endpoint {
+        if path.starts_with("/services/oauth2/") {
+            return Endpoint::Token;
+        }
+        let Some(rest) = path.strip_prefix("/services/data/") else {
+            return Endpoint::Other;
+        };
+        let rest = rest.split_once('/').map_or("", |(_, r)| r);
+        if rest == "limits" {
+            Endpoint::Limits
+        } else if rest.starts_with("sobjects") {
+            Endpoint::Describe
+        } else if rest == "jobs/query" && method == "POST" {
+            Endpoint::Create
+        } else if rest.starts_with("jobs/query/") && rest.ends_with("/results") {
+            Endpoint::Results
+        } else if rest.starts_with("jobs/query/") && method == "PATCH" {
+            Endpoint::Abort
+        } else if rest.starts_with("jobs/query/") && method == "GET" {
+            Endpoint::Poll
+        } else {
+            Endpoint::Other
+        }
+    }
+}
+
+impl FaultTarget {
+    fn matches(&self, endpoint: Endpoint, path: &str) -> bool {
+        match self {
+            FaultTarget::Any => true,
+            FaultTarget::Token => endpoint == Endpoint::Token,
+            FaultTarget::Create => endpoint == Endpoint::Create,
+            FaultTarget::Poll => endpoint == Endpoint::Poll,
+            FaultTarget::Results => endpoint == Endpoint::Results,
+            FaultTarget::Abort => endpoint == Endpoint::Abort,
+            FaultTarget::Limits => endpoint == Endpoint::Limits,
+            FaultTarget::Describe => endpoint == Endpoint::Describe,
+            FaultTarget::Path(fragment) => path.contains(fragment.as_str()),
+        }
+    }
+}
+
+/// What the body of an injected error status looks like; edges and proxies
+/// answer with HTML or nothing, Salesforce itself with a JSON error array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorBody {
+    Html,
+    Empty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultAction {
+    ExpireSession,
+    RestApiScope,
+    LimitExceeded,
+    Status {
+        code: u16,
+        body: ErrorBody,
+    },
+    /// Headers and half the body, then the connection drops.
+    Drop,
+    Delay(Duration),
+}
+
+/// One injected fault: `action` on matching requests `nth ..= nth+times-1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRule {
+    pub action: FaultAction,
+    pub on: FaultTarget,
+    pub nth: u32,
+    pub times: u32,
+    /// Matching requests seen so far.
+    seen: u32,
+}
+
+impl FaultRule {
+    pub fn new(action: FaultAction, on: FaultTarget) -> FaultRule {
+        FaultRule { action, on, nth: 1, times: 1, seen: 0 }
+    }
+
+    /// Hit the `nth` matching request first (1-based).
+    pub fn nth(mut self, nth: u32) -> FaultRule {
+        self.nth = nth.max(1);
+        self
+    }
+
+    pub fn times(mut self, times: u32) -> FaultRule {
+        self.times = times;
+        self
+    }
+
+    /// Counts a request; `true` when this one is hit.
+    fn observe(&mut self, endpoint: Endpoint, path: &str) -> bool {
+        if !self.on.matches(endpoint, path) {
+            return false;
+        }
+        self.seen = self.seen.saturating_add(1);
+        self.seen >= self.nth && self.seen - self.nth < self.times
+    }
+
+    fn spent(&self) -> bool {
+        self.seen >= self.nth.saturating_add(self.times).saturating_sub(1)
+    }
+}
+
+/// One parsed item of a fault spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    Rule(FaultRule),
+    FailJobs { times: u32, message: String },
+    SlowJobs { polls: u32 },
+    ApiBudget { max: u64, used: u64 },
+}
+
+/// The rules in force; the first rule that hits a request decides it.
+#[derive(Debug, Default)]
+pub(crate) struct FaultBook {
+    rules: Vec<FaultRule>,
+}
+
+impl FaultBook {
+    pub(crate) fn add(&mut self, rule: FaultRule) {
+        self.rules.push(rule);
+    }
+
+    /// Every rule counts the request (so `nth` means the same thing whatever
+    /// else is configured); spent rules are dropped.
+    pub(crate) fn hit(&mut self, method: &str, path: &str) -> Option<FaultAction> {
+        let endpoint = Endpoint::classify(method, path);
+        let mut chosen = None;
+        for rule in &mut self.rules {
+            if rule.observe(endpoint, path) && chosen.is_none() {
+                chosen = Some(rule.action.clone());
+            }
+        }
+        self.rules.retain(|r| !r.spent());
+        chosen
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.rules.clear();
+    }
+}
+
+/// Parses a fault spec (grammar in the module docs).
+pub fn parse_faults(spec: &str) -> Result<Vec<Fault>, SandboxError> {
+    spec.split(';').map(str::trim).filter(|s| !s.is_empty()).map(parse_one).collect()
+}
+
+fn parse_one(item: &str) -> Result<Fault, SandboxError> {
+    let bad = |reason: String| SandboxError::InvalidFaultSpec { spec: item.to_owned(), reason };
+    let (kind, rest) = item.split_once(':').unwrap_or((item, ""));
+    let kind = kind.trim();
+    // `message` swallows the rest of the item so it can hold commas.
+    let (rest, message) = match rest.find("message=") {
+        Some(i) => (rest.get(..i).unwrap_or_default(), rest.get(i + "message=".len()..).map(str::to_owned)),
+        None => (rest, None),
+    };
+    let mut options: Vec<(&str, &str)> = Vec::new();
+    for option in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key, value) = option.split_once('=').ok_or_else(|| bad(format!("option `{option}` is not key=value")))?;
+        options.push((key.trim(), value.trim()));
+    }
+    let get = |key: &str| options.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let number = |key: &str, default: u64| -> Result<u64, SandboxError> {
+        match get(key) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| bad(format!("`{key}` must be a whole number, got `{v}`"))),
+        }
+    };
+    let allowed: &[&str] = match kind {
+        "expire-session" | "rest-api-scope" | "limit-exceeded" | "drop" => &["on", "nth", "times"],
+        "http" => &["code", "body", "on", "nth", "times"],
+        "delay" => &["ms", "on", "nth", "times"],
+        "fail-job" => &["times"],
+        "slow-jobs" => &["polls"],
+        "api-budget" => &["max", "used"],
+        other => {
+            return Err(bad(format!(
+                "unknown fault `{other}`; use expire-session, rest-api-scope, limit-exceeded, http, drop, \
+                 delay, fail-job, slow-jobs or api-budget"
+            )));
+        }
+    };
+    if let Some((key, _)) = options.iter().find(|(k, _)| !allowed.contains(k)) {
+        return Err(bad(format!("`{kind}` takes no option `{key}`; it takes {}", allowed.join(", "))));
+    }
+    if message.is_some() && kind != "fail-job" {
+        return Err(bad(format!("`{kind}` takes no option `message`")));
+    }
+    let as_u32 = |v: u64, key: &str| u32::try_from(v).map_err(|_| bad(format!("`{key}` is too large")));
+    let action = match kind {
+        "expire-session" => FaultAction::ExpireSession,
+        "rest-api-scope" => FaultAction::RestApiScope,
+        "limit-exceeded" => FaultAction::LimitExceeded,
+        "drop" => FaultAction::Drop,
+        "http" => {
+            let code = get("code").ok_or_else(|| bad("`http` needs code=STATUS, e.g. code=503".into()))?;
+            let code: u16 = code
+                .parse()
+                .ok()
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| bad(format!("code `{code}` is not an HTTP error status (400-599)")))?;
+            let body = match get("body").unwrap_or("json") {
+                "html" => ErrorBody::Html,
+                "empty" => ErrorBody::Empty,
+                "json" => ErrorBody::Json,
+                other => return Err(bad(format!("body `{other}` must be html, empty or json"))),
+            };
+            FaultAction::Status { code, body }
+        }
+        "delay" => {
+            let ms = get("ms").ok_or_else(|| bad("`delay` needs ms=MILLISECONDS".into()))?;
+            FaultAction::Delay(Duration::from_millis(number("ms", 0).map_err(|_| bad(format!("bad ms `{ms}`")))?))
+        }
+        "fail-job" => {
+            return Ok(Fault::FailJobs {
+                times: as_u32(number("times", 1)?, "times")?,
+                message: message.unwrap_or_else(|| {
+                    "Unexpected exception encountered in query processing. Please contact support with the \
+                     following id: 326566388-63578 (-436445966)"
+                        .to_owned()
+                }),
+            });
+        }
+        "slow-jobs" => {
+            let polls = as_u32(number("polls", 0)?, "polls")?;
+            if polls == 0 {
+                return Err(bad("`slow-jobs` needs polls=N with N >= 1".into()));
+            }
+            return Ok(Fault::SlowJobs { polls });
+        }
+        "api-budget" => {
+            let max = number("max", 0)?;
+            if get("max").is_none() {
+                return Err(bad("`api-budget` needs max=N".into()));
+            }
+            return Ok(Fault::ApiBudget { max, used: number("used", 0)? });
+        }
+        other => return Err(bad(format!("unknown fault `{other}`"))),
+    };
+    let on = match get("on").unwrap_or("any") {
+        "any" => FaultTarget::Any,
+        "token" => FaultTarget::Token,
+        "create" => FaultTarget::Create,
+        "poll" => FaultTarget::Poll,
+        "results" => FaultTarget::Results,
+        "abort" => FaultTarget::Abort,
+        "limits" => FaultTarget::Limits,
+        "describe" => FaultTarget::Describe,
+        path if path.starts_with('/') => FaultTarget::Path(path.to_owned()),
+        other => {
+            return Err(bad(format!(
+                "on `{other}` must be any, token, create, poll, results, abort, limits, describe or a /path"
+            )));
+        }
+    };
+    let nth = as_u32(number("nth", 1)?, "nth")?;
+    if nth == 0 {
+        return Err(bad("`nth` counts from 1".into()));
+    }
+    let times = as_u32(number("times", 1)?, "times")?;
+    Ok(Fault::Rule(FaultRule::new(action, on).nth(nth).times(times)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let faults = parse_faults(
+            "http:code=503,body=html,on=results,times=2; expire-session:on=results,nth=2;api-budget:max=500",
+        )
+        .unwrap();
+        assert_eq!(
+            faults,
+            vec![
+                Fault::Rule(
+                    FaultRule::new(FaultAction::Status { code: 503, body: ErrorBody::Html }, FaultTarget::Results)
+                        .times(2)
+                ),
+                Fault::Rule(FaultRule::new(FaultAction::ExpireSession, FaultTarget::Results).nth(2)),
+                Fault::ApiBudget { max: 500, used: 0 },
+            ]
+        );
+        let faults = parse_faults("fail-job:times=2,message=Boom, with a comma=yes").unwrap();
+        assert_eq!(faults, vec![Fault::FailJobs { times: 2, message: "Boom, with a comma=yes".into() }]);
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_a_reason() {
+        for (spec, reason) in [
+            ("explode", "unknown fault `explode`"),
+            ("http:code=200", "not an HTTP error status"),
+            ("http", "needs code"),
+            ("drop:on=everywhere", "on `everywhere`"),
+            ("drop:nth=0", "counts from 1"),
+            ("delay:ms=5,code=503", "takes no option `code`"),
+            ("slow-jobs:polls=x", "whole number"),
+            ("expire-session:times", "not key=value"),
+        ] {
+            let err = parse_faults(spec).unwrap_err().to_string();
+            assert!(err.contains(reason), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn rules_hit_the_nth_matching_requests_only() {
+        let mut book = FaultBook::default();
+        book.add(FaultRule::new(FaultAction::Drop, FaultTarget::Results).nth(2).times(2));
+        let results = "/services/data/v62.0/jobs/query/750x/results";
+        let poll = "/services/data/v62.0/jobs/query/750x";
+        assert_eq!(book.hit("GET", poll), None);
+        assert_eq!(book.hit("GET", results), None);
+        assert_eq!(book.hit("GET", results), Some(FaultAction::Drop));
+        assert_eq!(book.hit("GET", poll), None);
+        assert_eq!(book.hit("GET", results), Some(FaultAction::Drop));
+        assert_eq!(book.hit("GET", results), None);
+        assert!(book.rules.is_empty(), "spent rules are dropped");
+    }
+
+    #[test]
+    fn endpoints_are_classified() {
+        let v = "/services/data/v62.0";
+        assert_eq!(Endpoint::classify("POST", "/services/oauth2/token"), Endpoint::Token);
+        assert_eq!(Endpoint::classify("POST", &format!("{v}/jobs/query")), Endpoint::Create);
+        assert_eq!(Endpoint::classify("GET", &format!("{v}/jobs/query/750A")), Endpoint::Poll);
+        assert_eq!(Endpoint::classify("PATCH", &format!("{v}/jobs/query/750A")), Endpoint::Abort);
+        assert_eq!(Endpoint::classify("GET", &format!("{v}/jobs/query/750A/results")), Endpoint::Results);
+        assert_eq!(Endpoint::classify("GET", &format!("{v}/limits")), Endpoint::Limits);
+        assert_eq!(Endpoint::classify("GET", &format!("{v}/sobjects/Account/describe")), Endpoint::Describe);
+    }
+}
