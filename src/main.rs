@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use nightjar::commands::{history_table, run_details};
 use nightjar::config::{ConfigError, Project};
-use nightjar::run::run_job;
+use nightjar::run::{RunError, recover_abandoned, run_job};
 use nightjar::sandbox::{Sandbox, SandboxConfig};
 use nightjar::state::{HistoryFilter, OutboxFilter, OutboxStatus, RunStatus, StateStore};
 
@@ -48,6 +48,13 @@ enum Command {
         #[arg(long, conflicts_with = "jobs")]
         all: bool,
     },
+    /// The scheduler daemon: runs enabled jobs on their schedules until
+    /// SIGTERM or SIGINT, then waits for runs in flight.
+    Serve {
+        /// How long to wait for runs in flight on shutdown, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+    },
     /// Run history, newest first.
     History {
         #[arg(long)]
@@ -55,10 +62,25 @@ enum Command {
         /// running | succeeded | failed | cancelled | abandoned
         #[arg(long)]
         status: Option<String>,
+        /// Only runs started since: an RFC 3339 time, a date (UTC), or a
+        /// duration ago such as `24h` or `7d`.
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long)]
         json: bool,
+    },
+    /// Show or move a job's watermark; a change is recorded in history.
+    Watermark {
+        job: String,
+        /// New watermark (RFC 3339, e.g. 2026-01-01T00:00:00Z): the next run
+        /// extracts from here (minus lookback).
+        #[arg(long, conflicts_with = "clear")]
+        set: Option<String>,
+        /// Forget the watermark: the next run extracts everything.
+        #[arg(long)]
+        clear: bool,
     },
     /// One run in detail.
     Show {
@@ -252,10 +274,55 @@ fn open_state(cli_state: &Option<PathBuf>, project: Option<&Project>) -> Result<
     Ok(StateStore::open(&path)?)
 }
 
+/// `--since`: an RFC 3339 time, a UTC date, or a duration back from `now`.
+fn parse_since(s: &str, now: chrono::DateTime<chrono::Utc>) -> Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    let ago = humantime::parse_duration(s)
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .with_context(|| format!("--since `{s}`: use an RFC 3339 time, a date (2026-01-01) or a duration (24h, 7d)"))?;
+    Ok(now - ago)
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Closes runs a dead process left `running` before new ones start.
+async fn recover(project: &Project, state: &StateStore) -> Result<()> {
+    let closed = recover_abandoned(project, state).await?;
+    if !closed.is_empty() {
+        let ids: Vec<String> = closed.iter().map(|id| id.to_string()).collect();
+        eprintln!("marked run(s) {} abandoned: their process is gone (see `nightjar show RUN`)", ids.join(", "));
+    }
+    Ok(())
+}
+
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate { online } => {
             let project = Project::load(&cli.config)?;
+            if let Err(e) = nightjar::run::schedules(&project) {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
             if online {
                 let state = open_state(&cli.state, Some(&project)).ok();
                 let diags = nightjar::salesforce::validate_online(&project, state.as_ref()).await?;
@@ -285,9 +352,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             for name in &names {
                 project.job(name)?;
             }
+            recover(&project, &state).await?;
             let mut failed = false;
             for name in &names {
-                let report = run_job(&project, &state, name, "manual").await?;
+                let report = match run_job(&project, &state, name, "manual").await {
+                    Ok(report) => report,
+                    Err(RunError::Locked(holder)) => {
+                        failed = true;
+                        eprintln!("run {name}: not started — {holder}");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let c = &report.counts;
                 match &report.error {
                     None => eprintln!(
@@ -303,7 +379,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             deliver_alerts_once(&project, &state).await;
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        Command::History { job, status, limit, json } => {
+        Command::Serve { grace } => {
+            let project = Project::load(&cli.config)?;
+            let state = open_state(&cli.state, Some(&project))?;
+            let grace = grace.unwrap_or(nightjar::run::SHUTDOWN_GRACE);
+            eprintln!(
+                "serve: running {} scheduled job(s); SIGTERM or Ctrl-C stops",
+                nightjar::run::schedules(&project)?.len()
+            );
+            let (project, state) = (std::sync::Arc::new(project), std::sync::Arc::new(state));
+            nightjar::run::serve(project, state, Some(cli.config.clone()), grace, shutdown_signal()).await?;
+            eprintln!("serve: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { job, status, since, limit, json } => {
             let project = if cli.state.is_none() { Some(Project::load(&cli.config)?) } else { None };
             let state = open_state(&cli.state, project.as_ref())?;
             let status = match status {
@@ -312,7 +401,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 })?),
                 None => None,
             };
-            let runs = state.history(&HistoryFilter { job, status, limit: Some(limit), min_id: None })?;
+            let since = since.as_deref().map(|s| parse_since(s, chrono::Utc::now())).transpose()?;
+            let runs = state.history(&HistoryFilter { job, status, limit: Some(limit), min_id: None, since })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else if runs.is_empty() {
@@ -327,12 +417,55 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let state = open_state(&cli.state, project.as_ref())?;
             let record = state.run(run)?.with_context(|| format!("no run {run}; `nightjar history` lists runs"))?;
             let rejected = if rejects { Some(state.rejects(run)?) } else { None };
+            let steps = state.steps(run)?;
             if json {
-                let value = serde_json::json!({ "run": record, "rejects": rejected });
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                #[derive(serde::Serialize)]
+                struct Shown<'a> {
+                    run: &'a nightjar::state::RunRecord,
+                    steps: &'a [nightjar::state::StepRecord],
+                    rejects: Option<&'a [nightjar::state::RejectRecord]>,
+                }
+                let shown = Shown { run: &record, steps: &steps, rejects: rejected.as_deref() };
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
-                print!("{}", run_details(&record, rejected.as_deref()));
+                print!("{}", run_details(&record, &steps, rejected.as_deref()));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watermark { job, set, clear } => {
+            let project = Project::load(&cli.config)?;
+            project.job(&job)?;
+            let state = open_state(&cli.state, Some(&project))?;
+            if set.is_none() && !clear {
+                match state.watermark(&job)? {
+                    Some(wm) => println!("{job}: {}", nightjar::state::ts(wm)),
+                    None => println!("{job}: no watermark (the next run extracts everything)"),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let value = match &set {
+                Some(s) => Some(
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .with_context(|| format!("`{s}` is not an RFC 3339 time such as 2026-01-01T00:00:00Z"))?
+                        .with_timezone(&chrono::Utc),
+                ),
+                None => None,
+            };
+            // Moving the watermark under a run in flight would be overwritten
+            // by that run's commit, or skew its window: hold the job's lock.
+            let now = chrono::Utc::now();
+            let _lock = match state.try_lock_job(&job, now)? {
+                Ok(lock) => lock,
+                Err(holder) => {
+                    eprintln!("watermark {job}: not changed — {holder}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let before = state.watermark(&job)?;
+            let entry = state.set_watermark_manually(&job, value, now)?;
+            let show =
+                |w: Option<chrono::DateTime<chrono::Utc>>| w.map_or_else(|| "(none)".into(), nightjar::state::ts);
+            println!("{job}: watermark {} -> {} (history entry {entry})", show(before), show(value));
             Ok(ExitCode::SUCCESS)
         }
         Command::Sandbox { listen, generate, faults, jwt_public_key } => {

@@ -42,6 +42,9 @@ pub fn remedy(class: &str) -> &'static str {
         "timeout" => {
             "The run took longer than the job's `timeout`: raise `timeout`, or run more often so each window is smaller."
         }
+        "abandoned" => {
+            "The process running this job died (killed, crashed, or the machine restarted) before the run closed: the target and the watermark are as before the run, and the next run covers the window again."
+        }
         "config" => "The job's configuration is invalid: run `nightjar validate` and fix what it reports.",
         "transform" => {
             "The mapping could not be applied: check the mapping file with `nightjar validate`, then run again."

@@ -134,7 +134,9 @@ impl Outcome {
         match result {
             Ok(_) => Outcome::Succeeded,
             Err(RunError::Salesforce(SalesforceError::ApiBudgetLow { .. })) => Outcome::SkippedBudget,
-            // No retries yet (issue 5): every failed run is its last attempt.
+            Err(RunError::TimedOut(_)) => Outcome::TimedOut,
+            Err(RunError::Cancelled) => Outcome::Cancelled,
+            // The caller knows whether retries are left (`run_job_attempt`).
             Err(_) => Outcome::Failed { last_attempt: true },
         }
     }

@@ -3,7 +3,7 @@
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
-use crate::state::{RejectRecord, RunRecord};
+use crate::state::{RejectRecord, RunRecord, StepRecord, WATERMARK_TRIGGER};
 
 fn count(n: u64) -> String {
     n.to_string()
@@ -37,6 +37,7 @@ pub fn history_table(runs: &[RunRecord]) -> String {
         "extracted",
         "inserted",
         "updated",
+        "deleted",
         "unchanged",
         "rejected",
         "error",
@@ -64,16 +65,27 @@ pub fn history_table(runs: &[RunRecord]) -> String {
     table.to_string()
 }
 
-/// One run in detail.
-pub fn run_details(r: &RunRecord, rejects: Option<&[RejectRecord]>) -> String {
+/// One run in detail, with the time each step took.
+pub fn run_details(r: &RunRecord, steps: &[StepRecord], rejects: Option<&[RejectRecord]>) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
     line(&mut out, "run", r.id.to_string());
     line(&mut out, "job", r.job.clone());
     line(&mut out, "status", r.status.as_str().into());
     line(&mut out, "trigger", r.trigger.clone());
+    if r.attempt > 1 {
+        let first = r.retry_of.map(|id| format!(" (retry of run {id})")).unwrap_or_default();
+        line(&mut out, "attempt", format!("{}{first}", r.attempt));
+    }
     line(&mut out, "started", r.started_at.clone());
     line(&mut out, "finished", r.finished_at.clone().unwrap_or_default());
+    if r.trigger == WATERMARK_TRIGGER {
+        // Not a run: a manual `nightjar watermark` change, kept in history.
+        line(&mut out, "watermark before", r.watermark_before.clone().unwrap_or_else(|| "(none)".into()));
+        line(&mut out, "watermark after", r.watermark_after.clone().unwrap_or_else(|| "(cleared)".into()));
+        return out;
+    }
+    line(&mut out, "took", duration(r.duration_ms));
     line(
         &mut out,
         "window",
@@ -95,6 +107,12 @@ pub fn run_details(r: &RunRecord, rejects: Option<&[RejectRecord]>) -> String {
         ),
     );
     line(&mut out, "salesforce jobs", r.salesforce_job_ids.join(", "));
+    line(&mut out, "api calls", c.api_calls.to_string());
+    if !steps.is_empty() {
+        let parts: Vec<String> =
+            steps.iter().map(|s| format!("{} {}", s.step, duration(Some(s.duration_ms)))).collect();
+        line(&mut out, "steps", parts.join(", "));
+    }
     if let Some(e) = &r.error {
         line(&mut out, "error class", r.error_class.clone().unwrap_or_default());
         line(&mut out, "error", e.clone());

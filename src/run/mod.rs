@@ -4,6 +4,8 @@
 //! happens in one transaction, and only after it succeeded does the
 //! watermark move (written together with the run's closing row).
 
+mod recover;
+mod scheduler;
 mod window;
 
 use std::time::Instant;
@@ -12,12 +14,14 @@ use chrono::{DateTime, Utc};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+pub use recover::recover_abandoned;
+pub use scheduler::{SHUTDOWN_GRACE, Schedule, ServeError, retry_delay, run_series, schedules, serve};
 pub use window::{Window, build_soql, plan_window, soql_datetime};
 
 use crate::config::{AuthFlow, ConfigError, Connection, Job, Project};
 use crate::load::{LoadError, open_target};
 use crate::salesforce::{JobGuard, Page, RunClient, SalesforceClient, SalesforceError};
-use crate::state::{RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
+use crate::state::{LockHolder, RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
 use crate::transform::{Mapping, TransformError};
 
 /// Pages downloaded ahead of the one being mapped and staged: page N+1
@@ -42,6 +46,17 @@ pub enum RunError {
     TooManyRejects { run: RunId, rejected: u64, extracted: u64, max: f64 },
     #[error("job `{job}`: {message}")]
     Job { job: String, message: String },
+    /// Another run of the job is in flight (this or another process); this
+    /// attempt did not start and left no history row.
+    #[error("{0}; this attempt did not run")]
+    Locked(LockHolder),
+    /// The job's `timeout` passed: the run was stopped, its Salesforce job
+    /// aborted and the target left as it was.
+    #[error("the run took longer than the job's timeout ({}) and was stopped; nothing was committed", humantime::format_duration(*.0))]
+    TimedOut(std::time::Duration),
+    /// Stopped from outside (`serve` shutting down past its grace period).
+    #[error("the run was stopped because nightjar was shutting down; nothing was committed")]
+    Cancelled,
 }
 
 impl RunError {
@@ -56,6 +71,9 @@ impl RunError {
             RunError::Load(e) => e.class(),
             RunError::State(_) => "state",
             RunError::TooManyRejects { .. } => "data_rejects",
+            RunError::Locked(_) => "locked",
+            RunError::TimedOut(_) => "timeout",
+            RunError::Cancelled => "cancelled",
         }
     }
 }
@@ -76,28 +94,82 @@ pub struct RunReport {
 #[derive(Default)]
 struct Progress {
     counts: RunCounts,
+    /// The run client's request counter, once there is a client.
+    api_calls: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     window: Option<Window>,
     salesforce_job_ids: Vec<String>,
 }
 
+/// Which attempt of a series a run is (retries, issue 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    pub number: u32,
+    /// A failed last attempt is alerted; earlier ones are not.
+    pub last: bool,
+    /// The series' first run, for every attempt after it.
+    pub first_run: Option<RunId>,
+}
+
+impl Attempt {
+    pub const ONLY: Attempt = Attempt { number: 1, last: true, first_run: None };
+}
+
 /// Runs one job now. A failure is recorded in history and reported in the
-/// returned report; `Err` means the run could not even be recorded.
+/// returned report; `Err` means the run could not even be recorded, or
+/// ([`RunError::Locked`]) another run of the job holds its lock.
 pub async fn run_job(
     project: &Project,
     state: &StateStore,
     job_name: &str,
     trigger: &str,
 ) -> Result<RunReport, RunError> {
+    run_job_attempt(project, state, job_name, trigger, Attempt::ONLY, std::future::pending()).await
+}
+
+/// [`run_job`] as one attempt of a series of retries. When `cancel`
+/// resolves first, the run stops like a timed-out one (Bulk job aborted,
+/// target rolled back) and is recorded `cancelled`.
+pub async fn run_job_attempt(
+    project: &Project,
+    state: &StateStore,
+    job_name: &str,
+    trigger: &str,
+    attempt: Attempt,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Result<RunReport, RunError> {
     let job = project.job(job_name)?;
     let alerts = crate::alert::AlertSettings::for_job(project, job);
-    let run = state.open_run(job_name, trigger, Utc::now())?;
-    tracing::info!(job = job_name, run, "run started");
+    // Held until the run row is closed; dropping it (also when this future
+    // is dropped) releases it.
+    let lock = state.try_lock_job(job_name, Utc::now())?.map_err(RunError::Locked)?;
+    let run = state.open_run_attempt(job_name, trigger, attempt.number, attempt.first_run, Utc::now())?;
+    lock.set_run(run)?;
+    tracing::info!(job = job_name, run, attempt = attempt.number, "run started");
     let mut progress = Progress::default();
-    let result = execute(project, state, job, run, &mut progress).await;
+    // On timeout the pipeline future is dropped: the Bulk job's guard aborts
+    // it and the target's open transaction (or staging) is rolled back.
+    let pipeline = async {
+        match job.spec.timeout {
+            Some(limit) => tokio::time::timeout(limit, execute(project, state, job, run, &mut progress))
+                .await
+                .unwrap_or(Err(RunError::TimedOut(limit))),
+            None => execute(project, state, job, run, &mut progress).await,
+        }
+    };
+    let result = tokio::select! {
+        result = pipeline => result,
+        _ = cancel => Err(RunError::Cancelled),
+    };
     let (status, watermark, error_class, error) = match &result {
         Ok(watermark) => (RunStatus::Succeeded, *watermark, None, None),
+        Err(e @ (RunError::TimedOut(_) | RunError::Cancelled)) => {
+            (RunStatus::Cancelled, None, Some(e.class().to_string()), Some(e.to_string()))
+        }
         Err(e) => (RunStatus::Failed, None, Some(e.class().to_string()), Some(e.to_string())),
     };
+    if let Some(calls) = &progress.api_calls {
+        progress.counts.api_calls = calls.load(std::sync::atomic::Ordering::Relaxed);
+    }
     let end = RunEnd {
         status,
         counts: progress.counts.clone(),
@@ -110,7 +182,10 @@ pub async fn run_job(
         job: job_name,
         run,
         trigger,
-        outcome: crate::alert::Outcome::of(&result),
+        outcome: match crate::alert::Outcome::of(&result) {
+            crate::alert::Outcome::Failed { .. } => crate::alert::Outcome::Failed { last_attempt: attempt.last },
+            other => other,
+        },
         window: progress.window,
         full_refresh: job.spec.source.cursor.is_none(),
         counts: &end.counts,
@@ -122,6 +197,7 @@ pub async fn run_job(
     state.finish_run_with(run, &end, watermark, finished_at, |conn| {
         crate::alert::queue_for_run(conn, &alerts, &facts).map(drop)
     })?;
+    drop(lock);
     match &error {
         None => tracing::info!(job = job_name, run, extracted = end.counts.extracted, "run succeeded"),
         Some(e) => tracing::error!(job = job_name, run, error = %e, "run failed"),
@@ -164,6 +240,7 @@ async fn execute(
         shared.set_refresh_token(state.refresh_token(conn_name)?);
     }
     let client = shared.for_run();
+    progress.api_calls = Some(client.api_calls());
 
     let started = Utc::now();
     let clock = Instant::now();

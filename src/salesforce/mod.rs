@@ -323,7 +323,11 @@ impl SalesforceClient {
 
     /// A handle for one run, with its own retry budget.
     pub fn for_run(self: &Arc<Self>) -> RunClient {
-        RunClient { client: self.clone(), retries_left: Arc::new(AtomicU32::new(self.retry.per_run)) }
+        RunClient {
+            client: self.clone(),
+            retries_left: Arc::new(AtomicU32::new(self.retry.per_run)),
+            api_calls: Arc::default(),
+        }
     }
 
     /// Last `Sforce-Limit-Info` seen on any response: (used, max).
@@ -409,9 +413,16 @@ fn is_transient_status(status: u16) -> bool {
 pub struct RunClient {
     client: Arc<SalesforceClient>,
     retries_left: Arc<AtomicU32>,
+    /// Requests this run sent, for history (they spend the org's allowance).
+    api_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RunClient {
+    /// A live count of the requests this run has sent so far.
+    pub fn api_calls(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.api_calls.clone()
+    }
+
     pub fn client(&self) -> &Arc<SalesforceClient> {
         &self.client
     }
@@ -442,6 +453,7 @@ impl RunClient {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            self.api_calls.fetch_add(1, Ordering::Relaxed);
             let (generation, outcome) = match self.client.session().await {
                 Ok((generation, session)) => (generation, self.attempt(call, &session, &read).await),
                 // A token endpoint that is down is as transient as any other.

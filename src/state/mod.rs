@@ -14,7 +14,9 @@ use rusqlite_migration::{M, Migrations};
 use serde::Serialize;
 use thiserror::Error;
 
+mod locks;
 mod outbox;
+pub use locks::*;
 pub use outbox::*;
 
 /// Rejected rows kept per run; the rest are counted, not stored, so one bad
@@ -42,6 +44,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/001_runs_watermarks.sql")),
         M::up(include_str!("migrations/002_alert_outbox.sql")),
         M::up(include_str!("migrations/003_oauth_tokens.sql")),
+        M::up(include_str!("migrations/004_job_locks.sql")),
     ])
 }
 
@@ -90,6 +93,8 @@ pub struct RunCounts {
     pub updated: u64,
     pub unchanged: u64,
     pub deleted: u64,
+    /// Salesforce API requests made, retries included.
+    pub api_calls: u64,
 }
 
 /// How a run ended, written when it closes.
@@ -109,6 +114,10 @@ pub struct RunRecord {
     pub job: String,
     pub status: RunStatus,
     pub trigger: String,
+    /// 1 for a first attempt; retries of a failed run count up.
+    pub attempt: u32,
+    /// A retry's first attempt.
+    pub retry_of: Option<RunId>,
     pub started_at: String,
     pub finished_at: Option<String>,
     pub duration_ms: Option<i64>,
@@ -129,7 +138,27 @@ pub struct HistoryFilter {
     pub limit: Option<u32>,
     /// Only runs with an id at least this (the demo prints its own runs).
     pub min_id: Option<RunId>,
+    /// Only runs started at or after this.
+    pub since: Option<DateTime<Utc>>,
 }
+
+/// Time spent in one step of a run (plan, extract, transform, load, commit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepRecord {
+    pub step: String,
+    pub started_at: String,
+    pub duration_ms: i64,
+}
+
+/// A run still marked `running` whose process is gone.
+#[derive(Debug, Clone)]
+pub struct OrphanedRun {
+    pub run: RunRecord,
+    pub pid: Option<u32>,
+}
+
+/// The trigger of the history row that records a manual watermark change.
+pub const WATERMARK_TRIGGER: &str = "watermark";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RejectRecord {
@@ -178,10 +207,23 @@ impl StateStore {
     }
 
     pub fn open_run(&self, job: &str, trigger: &str, now: DateTime<Utc>) -> Result<RunId, StateError> {
+        self.open_run_attempt(job, trigger, 1, None, now)
+    }
+
+    /// Opens attempt `attempt` of a run; a retry names its first attempt.
+    pub fn open_run_attempt(
+        &self,
+        job: &str,
+        trigger: &str,
+        attempt: u32,
+        retry_of: Option<RunId>,
+        now: DateTime<Utc>,
+    ) -> Result<RunId, StateError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO runs (job, status, trigger, pid, started_at) VALUES (?1, 'running', ?2, ?3, ?4)",
-            params![job, trigger, std::process::id(), ts(now)],
+            "INSERT INTO runs (job, status, trigger, attempt, retry_of, pid, host, started_at)
+             VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![job, trigger, attempt, retry_of, std::process::id(), host_name(), ts(now)],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -292,7 +334,7 @@ impl StateStore {
             "UPDATE runs SET status = ?2, finished_at = ?3, watermark_after = ?4,
                  pages = ?5, rows_extracted = ?6, rows_rejected = ?7, rows_inserted = ?8,
                  rows_updated = ?9, rows_unchanged = ?10, rows_deleted = ?11,
-                 sf_job_ids = ?12, error_class = ?13, error = ?14
+                 sf_job_ids = ?12, error_class = ?13, error = ?14, api_calls = ?15
              WHERE id = ?1",
             params![
                 run,
@@ -309,6 +351,7 @@ impl StateStore {
                 end.salesforce_job_ids.join(","),
                 end.error_class,
                 end.error,
+                c.api_calls as i64,
             ],
         )?;
         also(&tx)?;
@@ -322,15 +365,18 @@ impl StateStore {
         let mut stmt = conn.prepare(
             "SELECT id, job, status, trigger, started_at, finished_at, window_start, window_end,
                     watermark_before, watermark_after, pages, rows_extracted, rows_rejected,
-                    rows_inserted, rows_updated, rows_unchanged, rows_deleted, sf_job_ids, error_class, error
+                    rows_inserted, rows_updated, rows_unchanged, rows_deleted, sf_job_ids, error_class, error, attempt, retry_of, api_calls
              FROM runs
              WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id >= ?3)
+                   AND (?5 IS NULL OR started_at >= ?5)
              ORDER BY id DESC
              LIMIT ?4",
         )?;
         let limit = filter.limit.map_or(-1, i64::from);
-        let rows =
-            stmt.query_map(params![filter.job, filter.status.map(RunStatus::as_str), filter.min_id, limit], |r| {
+        let since = filter.since.map(ts);
+        let rows = stmt.query_map(
+            params![filter.job, filter.status.map(RunStatus::as_str), filter.min_id, limit, since],
+            |r| {
                 let status: String = r.get(2)?;
                 let ids: String = r.get(17)?;
                 Ok(RunRecord {
@@ -338,6 +384,8 @@ impl StateStore {
                     job: r.get(1)?,
                     status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
                     trigger: r.get(3)?,
+                    attempt: r.get(20)?,
+                    retry_of: r.get(21)?,
                     started_at: r.get(4)?,
                     finished_at: r.get(5)?,
                     duration_ms: None,
@@ -353,12 +401,14 @@ impl StateStore {
                         updated: r.get::<_, i64>(14)? as u64,
                         unchanged: r.get::<_, i64>(15)? as u64,
                         deleted: r.get::<_, i64>(16)? as u64,
+                        api_calls: r.get::<_, i64>(22)? as u64,
                     },
                     salesforce_job_ids: ids.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
                     error_class: r.get(18)?,
                     error: r.get(19)?,
                 })
-            })?;
+            },
+        )?;
         let mut out: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
         for run in &mut out {
             if let (Ok(a), Some(Ok(b))) = (parse_ts(&run.started_at), run.finished_at.as_deref().map(parse_ts)) {
@@ -424,6 +474,133 @@ impl StateStore {
     #[cfg(not(unix))]
     fn restrict_permissions(&self) -> Result<(), StateError> {
         Ok(())
+    }
+
+    pub fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT step, started_at, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY started_at, rowid",
+        )?;
+        let rows = stmt
+            .query_map([run], |r| Ok(StepRecord { step: r.get(0)?, started_at: r.get(1)?, duration_ms: r.get(2)? }))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Runs still `running` that were started on this host by a process
+    /// that is gone. Runs of other hosts are left alone: whether their
+    /// process lives cannot be told from here.
+    pub fn orphaned_runs(&self) -> Result<Vec<OrphanedRun>, StateError> {
+        let host = host_name();
+        let candidates: Vec<(RunId, Option<u32>, Option<String>)> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT id, pid, host FROM runs WHERE status = 'running' ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (id, pid, run_host) in candidates {
+            let ours = run_host.as_deref().is_none_or(|h| h == host);
+            if !ours || pid.is_some_and(pid_alive) {
+                continue;
+            }
+            if let Some(run) = self.run(id)? {
+                out.push(OrphanedRun { run, pid });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks a run whose process died `abandoned`, with `also` (the alert)
+    /// in the same transaction, and drops the dead process's lock. Returns
+    /// false, writing nothing, when the run is no longer `running` (another
+    /// process recovered it first).
+    pub fn abandon_run_with(
+        &self,
+        run: RunId,
+        error: &str,
+        now: DateTime<Utc>,
+        also: impl FnOnce(&Connection) -> Result<(), StateError>,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE runs SET status = 'abandoned', finished_at = ?2, error_class = 'abandoned', error = ?3
+             WHERE id = ?1 AND status = 'running'",
+            params![run, ts(now), error],
+        )?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        let (pid, host): (Option<u32>, Option<String>) =
+            tx.query_row("SELECT pid, host FROM runs WHERE id = ?1", [run], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if let (Some(pid), Some(host)) = (pid, host) {
+            tx.execute("DELETE FROM job_locks WHERE pid = ?1 AND host = ?2", params![pid, host])?;
+        }
+        also(&tx)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Records a scheduled time that did not run because the job was still
+    /// running: a closed `cancelled` row with error class `skipped`, so the
+    /// gap is visible in history (no alert: nothing failed).
+    pub fn record_skipped(
+        &self,
+        job: &str,
+        trigger: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RunId, StateError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO runs (job, status, trigger, pid, host, started_at, finished_at, error_class, error)
+             VALUES (?1, 'cancelled', ?2, ?3, ?4, ?5, ?5, 'skipped', ?6)",
+            params![job, trigger, std::process::id(), host_name(), ts(now), reason],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// When the job last started a run (manual, scheduled or otherwise;
+    /// watermark changes and skips aside), for `catch_up`.
+    pub fn last_run_started(&self, job: &str) -> Result<Option<DateTime<Utc>>, StateError> {
+        let value: Option<String> = self.conn().query_row(
+            "SELECT max(started_at) FROM runs
+                 WHERE job = ?1 AND trigger != 'watermark' AND coalesce(error_class, '') != 'skipped'",
+            [job],
+            |r| r.get(0),
+        )?;
+        value.map(|v| parse_ts(&v)).transpose()
+    }
+
+    /// Moves (or, with `None`, clears) a job's watermark by hand, recorded
+    /// as a history row of its own (trigger `watermark`) so a backfill shows
+    /// up next to the runs it affects. Returns that row's id.
+    pub fn set_watermark_manually(
+        &self,
+        job: &str,
+        value: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<RunId, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let before: Option<String> =
+            tx.query_row("SELECT value FROM watermarks WHERE job = ?1", [job], |r| r.get(0)).optional()?;
+        tx.execute(
+            "INSERT INTO runs (job, status, trigger, pid, host, started_at, finished_at, watermark_before, watermark_after)
+             VALUES (?1, 'succeeded', ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+            params![job, WATERMARK_TRIGGER, std::process::id(), host_name(), ts(now), before, value.map(ts)],
+        )?;
+        let run = tx.last_insert_rowid();
+        match value {
+            Some(v) => tx.execute(
+                "INSERT INTO watermarks (job, value, run_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (job) DO UPDATE SET value = excluded.value, run_id = excluded.run_id, updated_at = excluded.updated_at",
+                params![job, ts(v), run, ts(now)],
+            )?,
+            None => tx.execute("DELETE FROM watermarks WHERE job = ?1", [job])?,
+        };
+        tx.commit()?;
+        Ok(run)
     }
 
     pub fn run(&self, id: RunId) -> Result<Option<RunRecord>, StateError> {

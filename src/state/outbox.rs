@@ -237,7 +237,9 @@ pub fn put_alert_streak(conn: &Connection, job: &str, streak: &AlertStreak) -> R
 pub fn last_success(conn: &Connection, job: &str) -> Result<Option<LastSuccess>, StateError> {
     let run = conn
         .query_row(
-            "SELECT id, finished_at FROM runs WHERE job = ?1 AND status = 'succeeded' ORDER BY id DESC LIMIT 1",
+            // A manual watermark change is a history row, not a run.
+            "SELECT id, finished_at FROM runs WHERE job = ?1 AND status = 'succeeded' AND trigger != 'watermark'
+             ORDER BY id DESC LIMIT 1",
             [job],
             |r| Ok((r.get::<_, RunId>(0)?, r.get::<_, Option<String>>(1)?)),
         )
