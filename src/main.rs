@@ -255,6 +255,48 @@ async fn deliver_alerts_once(project: &Project, state: &StateStore) {
     }
 }
 
+/// Progress of `nightjar run`: a spinner per job with pages and rows on a
+/// terminal, a plain line per page otherwise (logs and CI keep a record).
+struct RunProgress {
+    tty: bool,
+    bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+}
+
+impl RunProgress {
+    fn install() -> std::sync::Arc<RunProgress> {
+        use std::io::IsTerminal;
+        let progress =
+            std::sync::Arc::new(RunProgress { tty: std::io::stderr().is_terminal(), bars: Default::default() });
+        let sink = progress.clone();
+        nightjar::run::report_progress_to(Box::new(move |job, pages, rows| sink.update(job, pages, rows)));
+        progress
+    }
+
+    fn update(&self, job: &str, pages: u64, rows: u64) {
+        if !self.tty {
+            eprintln!("{job}: {pages} page(s), {rows} rows staged");
+            return;
+        }
+        let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = bars.entry(job.to_string()).or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            let style = indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            bar.set_style(style);
+            bar.set_prefix(job.to_string());
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        bar.set_message(format!("{pages} page(s), {rows} rows staged"));
+    }
+
+    fn finish(&self, job: &str) {
+        if let Some(bar) = self.bars.lock().unwrap_or_else(|e| e.into_inner()).remove(job) {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -353,9 +395,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 project.job(name)?;
             }
             recover(&project, &state).await?;
+            let progress = RunProgress::install();
             let mut failed = false;
             for name in &names {
-                let report = match run_job(&project, &state, name, "manual").await {
+                let outcome = run_job(&project, &state, name, "manual").await;
+                progress.finish(name);
+                let report = match outcome {
                     Ok(report) => report,
                     Err(RunError::Locked(holder)) => {
                         failed = true;

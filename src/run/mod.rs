@@ -24,6 +24,17 @@ use crate::salesforce::{JobGuard, Page, RunClient, SalesforceClient, SalesforceE
 use crate::state::{LockHolder, RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
 use crate::transform::{Mapping, TransformError};
 
+/// Receives `(job, pages, rows)` after each staged page. `nightjar run`
+/// sets one to draw progress; `serve` leaves it unset (history is its record).
+pub type ProgressSink = dyn Fn(&str, u64, u64) + Send + Sync;
+
+static PROGRESS: std::sync::OnceLock<Box<ProgressSink>> = std::sync::OnceLock::new();
+
+/// Installs the process's progress sink; only the first call takes effect.
+pub fn report_progress_to(sink: Box<ProgressSink>) -> bool {
+    PROGRESS.set(sink).is_ok()
+}
+
 /// Pages downloaded ahead of the one being mapped and staged: page N+1
 /// downloads while page N is processed, and memory stays at a few pages.
 const PAGES_IN_FLIGHT: usize = 2;
@@ -366,6 +377,9 @@ async fn load_pages(
             crate::load::pause_point("stage");
             load_time += clock.elapsed();
             tracing::debug!(job = %job.name, page = page.number, rows = mapped.rows_in, "page staged");
+            if let Some(sink) = PROGRESS.get() {
+                sink(&job.name, progress.counts.pages, progress.counts.extracted);
+            }
         }
         Ok::<(), RunError>(())
     }

@@ -159,3 +159,18 @@ fn demo_runs_twice_and_the_warehouse_holds_what_it_printed() {
 fn runs_of(text: &str) -> Vec<(u64, u64, u64, u64, u64)> {
     run_lines(text)
 }
+
+/// Without a terminal, `nightjar run` reports each staged page on a plain line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reports_progress_as_plain_lines_without_a_terminal() {
+    let fx = crate::fixture::Fixture::new(2_500, 1_000).await;
+    fx.advance(60);
+    let dir = fx.dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || nightjar(&dir, &["run", "accounts"])).await.unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    for (pages, rows) in [(1, 1_000), (2, 2_000), (3, 2_500)] {
+        assert!(err.contains(&format!("accounts: {pages} page(s), {rows} rows staged")), "{err}");
+    }
+    assert!(err.contains("succeeded — extracted 2500"), "{err}");
+}
