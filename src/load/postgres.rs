@@ -54,16 +54,7 @@ fn pg_type(ty: ColumnType) -> &'static str {
 /// Appends one CSV field for `COPY ... (FORMAT csv)`: NULL is an unquoted
 /// empty field, every value is quoted (so an empty string stays a string).
 fn push_field(buf: &mut Vec<u8>, value: &AnyValue<'_>, as_epoch_ms: bool) {
-    let quoted = |buf: &mut Vec<u8>, text: &str| {
-        buf.push(b'"');
-        for b in text.bytes() {
-            if b == b'"' {
-                buf.push(b'"');
-            }
-            buf.push(b);
-        }
-        buf.push(b'"');
-    };
+    let quoted = push_quoted;
     match value {
         AnyValue::Null => {}
         AnyValue::String(s) => quoted(buf, s),
@@ -81,6 +72,75 @@ fn push_field(buf: &mut Vec<u8>, value: &AnyValue<'_>, as_epoch_ms: bool) {
         }
         other => quoted(buf, &other.to_string()),
     }
+}
+
+/// A column seen through its concrete type, so rendering a page for COPY
+/// does not go through a dynamically typed value per cell.
+enum Cells<'a> {
+    Text(&'a StringChunked),
+    Integer(&'a Int64Chunked),
+    Float(&'a Float64Chunked),
+    Boolean(&'a BooleanChunked),
+    /// Epoch milliseconds rendered as an RFC 3339 UTC timestamp.
+    Timestamp(&'a Int64Chunked),
+    /// Epoch milliseconds as a plain number (the staging cursor column).
+    EpochMs(&'a Int64Chunked),
+    Other(&'a Column),
+}
+
+impl<'a> Cells<'a> {
+    fn of(col: &'a Column, as_epoch_ms: bool) -> PolarsResult<Cells<'a>> {
+        Ok(match col.dtype() {
+            DataType::String => Cells::Text(col.str()?),
+            DataType::Int64 => Cells::Integer(col.i64()?),
+            DataType::Float64 => Cells::Float(col.f64()?),
+            DataType::Boolean => Cells::Boolean(col.bool()?),
+            DataType::Datetime(TimeUnit::Milliseconds, _) if as_epoch_ms => Cells::EpochMs(col.datetime()?.physical()),
+            DataType::Datetime(TimeUnit::Milliseconds, _) => Cells::Timestamp(col.datetime()?.physical()),
+            _ => Cells::Other(col),
+        })
+    }
+
+    fn write(&self, buf: &mut Vec<u8>, i: usize) -> PolarsResult<()> {
+        use std::io::Write;
+        // Writing into a Vec cannot fail.
+        let _ = match self {
+            Cells::Text(ca) => {
+                if let Some(s) = ca.get(i) {
+                    push_quoted(buf, s);
+                }
+                Ok(())
+            }
+            Cells::Integer(ca) | Cells::EpochMs(ca) => ca.get(i).map_or(Ok(()), |v| write!(buf, "{v}")),
+            Cells::Float(ca) => ca.get(i).map_or(Ok(()), |v| write!(buf, "{v}")),
+            Cells::Boolean(ca) => {
+                if let Some(v) = ca.get(i) {
+                    buf.push(if v { b't' } else { b'f' });
+                }
+                Ok(())
+            }
+            Cells::Timestamp(ca) => match ca.get(i).and_then(chrono::DateTime::from_timestamp_millis) {
+                Some(t) => write!(buf, "\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ")),
+                None => Ok(()),
+            },
+            Cells::Other(col) => {
+                push_field(buf, &col.get(i)?, false);
+                Ok(())
+            }
+        };
+        Ok(())
+    }
+}
+
+fn push_quoted(buf: &mut Vec<u8>, text: &str) {
+    buf.push(b'"');
+    for b in text.bytes() {
+        if b == b'"' {
+            buf.push(b'"');
+        }
+        buf.push(b);
+    }
+    buf.push(b'"');
 }
 
 impl PostgresTarget {
@@ -243,15 +303,20 @@ impl Target for PostgresTarget {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let schema_err = |e: PolarsError| LoadError::Schema { target: name.clone(), message: e.to_string() };
+        let cells: Vec<Cells<'_>> = columns
+            .iter()
+            .zip(&names)
+            .map(|(col, n)| Cells::of(col, *n == CURSOR_COLUMN))
+            .collect::<Result<_, _>>()
+            .map_err(schema_err)?;
         let mut buf = Vec::with_capacity(page.height() * 64 * columns.len());
         for i in 0..page.height() {
-            for (j, col) in columns.iter().enumerate() {
+            for (j, cell) in cells.iter().enumerate() {
                 if j > 0 {
                     buf.push(b',');
                 }
-                let value =
-                    col.get(i).map_err(|e| LoadError::Schema { target: name.clone(), message: e.to_string() })?;
-                push_field(&mut buf, &value, names[j] == CURSOR_COLUMN);
+                cell.write(&mut buf, i).map_err(schema_err)?;
             }
             buf.push(b'\n');
         }
