@@ -117,6 +117,34 @@ pub async fn open_target(project: &Project, job: &Job) -> Result<Box<dyn Target>
     }
 }
 
+/// Column definitions of a new target table: the mapped columns (NOT NULL
+/// where required), the soft-delete flag when wanted, the bookkeeping
+/// columns, and the primary key on the job's key.
+pub(crate) fn table_columns(
+    schema: &TargetSchema,
+    type_name: impl Fn(ColumnType) -> &'static str,
+    soft_delete: Option<&str>,
+    run_id_type: &str,
+    loaded_at_type: &str,
+) -> String {
+    let mut defs: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| {
+            let not_null = if c.nullable { "" } else { " NOT NULL" };
+            format!("{} {}{not_null}", quote_ident(&c.name), type_name(c.ty))
+        })
+        .collect();
+    if let Some(def) = soft_delete {
+        defs.push(format!("{} {def}", quote_ident(SOFT_DELETE_COLUMN)));
+    }
+    defs.push(format!("{} {run_id_type} NOT NULL", quote_ident(RUN_ID_COLUMN)));
+    defs.push(format!("{} {loaded_at_type} NOT NULL", quote_ident(LOADED_AT_COLUMN)));
+    let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
+    defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+    defs.join(", ")
+}
+
 /// How an existing table must change to take this run's mapping.
 pub(crate) struct Evolution {
     /// Mapped columns the table lacks; added inside the commit transaction.

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::{
     LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, Target, TargetOptions, pause_point,
-    plan_evolution, quote_ident,
+    plan_evolution, quote_ident, table_columns,
 };
 use crate::config::DeleteMode;
 use crate::state::RunId;
@@ -237,23 +237,10 @@ impl Target for PostgresTarget {
                     .await
                     .map_err(self.err())?;
             }
-            let mut defs: Vec<String> = schema
-                .columns
-                .iter()
-                .map(|c| {
-                    let not_null = if c.nullable { "" } else { " NOT NULL" };
-                    format!("{} {}{not_null}", quote_ident(&c.name), pg_type(c.ty))
-                })
-                .collect();
-            if self.soft() {
-                defs.push(format!("{} boolean NOT NULL DEFAULT false", quote_ident(SOFT_DELETE_COLUMN)));
-            }
-            defs.push(format!("{} bigint NOT NULL", quote_ident(RUN_ID_COLUMN)));
-            defs.push(format!("{} timestamp with time zone NOT NULL", quote_ident(LOADED_AT_COLUMN)));
-            let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
-            defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+            let soft = self.soft().then_some("boolean NOT NULL DEFAULT false");
+            let defs = table_columns(schema, pg_type, soft, "bigint", "timestamp with time zone");
             self.client
-                .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", ")))
+                .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({defs})"))
                 .await
                 .map_err(self.err())?;
         } else {

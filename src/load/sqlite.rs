@@ -11,7 +11,7 @@ use rusqlite::{Connection, params_from_iter};
 
 use super::{
     LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, Target, TargetOptions, pause_point,
-    plan_evolution, quote_ident,
+    plan_evolution, quote_ident, table_columns,
 };
 use crate::config::DeleteMode;
 use crate::state::{RunId, ts};
@@ -116,24 +116,9 @@ impl Target for SqliteTarget {
                             .into(),
                 });
             }
-            let mut defs: Vec<String> = schema
-                .columns
-                .iter()
-                .map(|c| {
-                    let not_null = if c.nullable { "" } else { " NOT NULL" };
-                    format!("{} {}{not_null}", quote_ident(&c.name), sql_type(c.ty))
-                })
-                .collect();
-            if self.soft() {
-                defs.push(format!("{} INTEGER NOT NULL DEFAULT 0", quote_ident(SOFT_DELETE_COLUMN)));
-            }
-            defs.push(format!("{} INTEGER NOT NULL", quote_ident(RUN_ID_COLUMN)));
-            defs.push(format!("{} TEXT NOT NULL", quote_ident(LOADED_AT_COLUMN)));
-            let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
-            defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
-            self.conn
-                .execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", ")), [])
-                .map_err(self.err())?;
+            let soft = self.soft().then_some("INTEGER NOT NULL DEFAULT 0");
+            let defs = table_columns(schema, sql_type, soft, "INTEGER", "TEXT");
+            self.conn.execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({defs})"), []).map_err(self.err())?;
         } else {
             // SQLite reports declared types in the case they were written.
             let existing: Vec<(String, String)> =

@@ -231,47 +231,31 @@ impl Mapping {
             columns.push(builder.finish(&rule.name));
         }
 
-        if let Some(cursor) = &self.cursor {
-            let source = text_column(cursor)?;
-            let mut builder = TypedBuilder::new(ColumnType::Timestamp, height);
+        // Control columns the pipeline itself relies on: a value that does not
+        // parse rejects the row (Salesforce always fills both fields, so
+        // anything else is not trustworthy enough to window or delete on).
+        let controls = [
+            self.cursor
+                .as_ref()
+                .map(|c| (c, format!("cursor `{c}`"), ColumnType::Timestamp, CURSOR_COLUMN, "a datetime")),
+            self.deleted_field
+                .as_ref()
+                .map(|d| (d, format!("`{d}`"), ColumnType::Boolean, DELETED_COLUMN, "true or false")),
+        ];
+        for (field, label, ty, output, expected) in controls.into_iter().flatten() {
+            let source = text_column(field)?;
+            let mut builder = TypedBuilder::new(ty, height);
             for (row, raw) in source.iter().enumerate() {
                 match raw {
                     Some(text) if builder.push(text).is_ok() => {}
                     other => {
-                        reject(
-                            row,
-                            &mut keep,
-                            cursor,
-                            other,
-                            format!("cursor `{cursor}` must be a datetime, got {}", describe(other)),
-                        );
+                        let reason = format!("{label} must be {expected}, got {}", describe(other));
+                        reject(row, &mut keep, field, other, reason);
                         builder.push_null();
                     }
                 }
             }
-            columns.push(builder.finish(CURSOR_COLUMN));
-        }
-
-        if let Some(deleted) = &self.deleted_field {
-            let source = text_column(deleted)?;
-            let mut builder = TypedBuilder::new(ColumnType::Boolean, height);
-            for (row, raw) in source.iter().enumerate() {
-                match raw {
-                    Some(text) if builder.push(text).is_ok() => {}
-                    // Salesforce always fills IsDeleted; anything else is not trustworthy enough to delete on.
-                    other => {
-                        reject(
-                            row,
-                            &mut keep,
-                            deleted,
-                            other,
-                            format!("`{deleted}` must be true or false, got {}", describe(other)),
-                        );
-                        builder.push_null();
-                    }
-                }
-            }
-            columns.push(builder.finish(DELETED_COLUMN));
+            columns.push(builder.finish(output));
         }
 
         // Columns are checked one after another; report rejects in row order.
