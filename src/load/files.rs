@@ -19,8 +19,8 @@ use super::{
 use crate::config::{DeleteMode, FileFormat};
 use crate::state::RunId;
 use crate::transform::{
-    CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetSchema, format_timestamp_ms, parse_boolean, parse_float,
-    parse_integer, parse_timestamp_ms,
+    CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetSchema, format_date, format_time, format_timestamp_ms,
+    parse_boolean, parse_date, parse_float, parse_integer, parse_time, parse_timestamp_ms,
 };
 
 pub struct FilesTarget {
@@ -46,6 +46,9 @@ fn dtype(ty: ColumnType) -> DataType {
         ColumnType::Float => DataType::Float64,
         ColumnType::Boolean => DataType::Boolean,
         ColumnType::Timestamp => DataType::Datetime(TimeUnit::Milliseconds, None),
+        ColumnType::Date => DataType::Date,
+        ColumnType::Time => DataType::Time,
+        ColumnType::Decimal { .. } | ColumnType::Json => DataType::String,
     }
 }
 
@@ -377,6 +380,8 @@ fn write_csv(file: &mut File, frame: &DataFrame) -> Result<(), String> {
                 AnyValue::String(s) => s.to_string(),
                 AnyValue::StringOwned(s) => s.to_string(),
                 AnyValue::Datetime(ms, TimeUnit::Milliseconds, _) => format_timestamp_ms(ms).unwrap_or_default(),
+                AnyValue::Date(days) => format_date(days).unwrap_or_default(),
+                AnyValue::Time(nanos) => format_time(nanos).unwrap_or_default(),
                 other => other.to_string(),
             };
             record.push(text);
@@ -438,6 +443,24 @@ fn read_csv(path: &Path, layout: &[(String, DataType)]) -> Result<DataFrame, Str
                     .map_err(parse_err)?,
             )
             .into_datetime(TimeUnit::Milliseconds, None),
+            DataType::Date => Series::new(
+                name,
+                values
+                    .iter()
+                    .map(|v| v.as_deref().map(parse_date).transpose())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(parse_err)?,
+            )
+            .into_date(),
+            DataType::Time => Series::new(
+                name,
+                values
+                    .iter()
+                    .map(|v| v.as_deref().map(parse_time).transpose())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(parse_err)?,
+            )
+            .into_time(),
             _ => Series::new(name, values),
         };
         columns.push(series.into_column());

@@ -122,7 +122,7 @@ pub async fn open_target(project: &Project, job: &Job) -> Result<Box<dyn Target>
 /// columns, and the primary key on the job's key.
 pub(crate) fn table_columns(
     schema: &TargetSchema,
-    type_name: impl Fn(ColumnType) -> &'static str,
+    type_name: impl Fn(ColumnType) -> String,
     soft_delete: Option<&str>,
     run_id_type: &str,
     loaded_at_type: &str,

@@ -41,13 +41,26 @@ struct RunPlan {
     add_soft_delete: bool,
 }
 
-fn pg_type(ty: ColumnType) -> &'static str {
+/// The type a column is created with.
+fn pg_type(ty: ColumnType) -> String {
+    match ty {
+        ColumnType::Decimal { precision, scale } => format!("numeric({precision},{scale})"),
+        other => pg_reported_type(other).to_string(),
+    }
+}
+
+/// The type as `information_schema.columns.data_type` reports it.
+fn pg_reported_type(ty: ColumnType) -> &'static str {
     match ty {
         ColumnType::Text => "text",
         ColumnType::Integer => "bigint",
         ColumnType::Float => "double precision",
         ColumnType::Boolean => "boolean",
         ColumnType::Timestamp => "timestamp with time zone",
+        ColumnType::Date => "date",
+        ColumnType::Time => "time without time zone",
+        ColumnType::Decimal { .. } => "numeric",
+        ColumnType::Json => "jsonb",
     }
 }
 
@@ -244,8 +257,14 @@ impl Target for PostgresTarget {
                 .await
                 .map_err(self.err())?;
         } else {
-            let evolution =
-                plan_evolution(&self.name(), "table", schema, &existing, |t| pg_type(t).to_string(), &self.options)?;
+            let evolution = plan_evolution(
+                &self.name(),
+                "table",
+                schema,
+                &existing,
+                |t| pg_reported_type(t).to_string(),
+                &self.options,
+            )?;
             add_columns = evolution.add_columns;
             add_soft_delete = evolution.add_soft_delete;
         }

@@ -15,7 +15,10 @@ use super::{
 };
 use crate::config::DeleteMode;
 use crate::state::{RunId, ts};
-use crate::transform::{CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetColumn, TargetSchema, format_timestamp_ms};
+use crate::transform::{
+    CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetColumn, TargetSchema, format_date, format_time,
+    format_timestamp_ms,
+};
 
 pub struct SqliteTarget {
     path: PathBuf,
@@ -42,6 +45,9 @@ fn sql_type(ty: ColumnType) -> &'static str {
         ColumnType::Float => "REAL",
         // RFC 3339 UTC with milliseconds: sorts and compares correctly as text.
         ColumnType::Timestamp => "TEXT",
+        // ISO dates and times sort as text too. Decimals stay TEXT: SQLite's
+        // NUMERIC affinity would turn them into lossy floating point.
+        ColumnType::Date | ColumnType::Time | ColumnType::Decimal { .. } | ColumnType::Json => "TEXT",
     }
 }
 
@@ -57,6 +63,8 @@ fn sql_value(value: AnyValue<'_>) -> Value {
         AnyValue::Datetime(ms, TimeUnit::Milliseconds, _) => {
             format_timestamp_ms(ms).map(Value::Text).unwrap_or(Value::Null)
         }
+        AnyValue::Date(days) => format_date(days).map(Value::Text).unwrap_or(Value::Null),
+        AnyValue::Time(nanos) => format_time(nanos).map(Value::Text).unwrap_or(Value::Null),
         other => Value::Text(other.to_string()),
     }
 }
@@ -117,7 +125,7 @@ impl Target for SqliteTarget {
                 });
             }
             let soft = self.soft().then_some("INTEGER NOT NULL DEFAULT 0");
-            let defs = table_columns(schema, sql_type, soft, "INTEGER", "TEXT");
+            let defs = table_columns(schema, |t| sql_type(t).to_string(), soft, "INTEGER", "TEXT");
             self.conn.execute(&format!("CREATE TABLE IF NOT EXISTS {table} ({defs})"), []).map_err(self.err())?;
         } else {
             // SQLite reports declared types in the case they were written.

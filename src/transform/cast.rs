@@ -1,7 +1,7 @@
 //! Strict parsers for the text the Bulk API 2.0 CSV carries. Each returns the
 //! reason a value does not fit, which becomes the reject's reason.
 
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, Timelike, Utc};
 
 pub fn parse_integer(text: &str) -> Result<i64, String> {
     let t = text.trim();
@@ -55,6 +55,89 @@ pub fn parse_timestamp_ms(text: &str) -> Result<i64, String> {
     }
 }
 
+/// Parses a Salesforce date (`2024-01-31`, no offset) into days since 1970-01-01.
+pub fn parse_date(text: &str) -> Result<i32, String> {
+    let date = NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d")
+        .map_err(|_| format!("`{text}` is not a date (expected e.g. 2024-01-31)"))?;
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    i32::try_from((date - epoch).num_days()).map_err(|_| format!("`{text}` is out of range for a date"))
+}
+
+/// Renders days since 1970-01-01 as `YYYY-MM-DD`.
+pub fn format_date(days: i32) -> Option<String> {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    epoch.checked_add_signed(chrono::Duration::days(days.into())).map(|d| d.format("%Y-%m-%d").to_string())
+}
+
+/// Parses a Salesforce time (`12:00:00.000Z`, also without millis or `Z`)
+/// into nanoseconds since midnight.
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix('Z').unwrap_or(t);
+    let time = NaiveTime::parse_from_str(t, "%H:%M:%S%.f")
+        .map_err(|_| format!("`{text}` is not a time (expected e.g. 12:00:00.000Z)"))?;
+    Ok(i64::from(time.num_seconds_from_midnight()) * 1_000_000_000 + i64::from(time.nanosecond()))
+}
+
+/// Renders nanoseconds since midnight as `HH:MM:SS.fff`.
+pub fn format_time(nanos: i64) -> Option<String> {
+    let secs = u32::try_from(nanos.div_euclid(1_000_000_000)).ok()?;
+    let frac = u32::try_from(nanos.rem_euclid(1_000_000_000)).ok()?;
+    NaiveTime::from_num_seconds_from_midnight_opt(secs, frac).map(|t| t.format("%H:%M:%S%.3f").to_string())
+}
+
+/// Checks a number fits `decimal(precision, scale)` exactly and returns it
+/// in canonical form with `scale` decimals. Extra fractional digits that are
+/// not zero would need rounding, which is a reject, not a silent change.
+pub fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<String, String> {
+    let t = text.trim();
+    let bad = || format!("`{text}` is not a decimal number");
+    let (negative, digits) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        // Exponent forms (1.5E7) are what Salesforce may send for large doubles.
+        let value: f64 = t.parse().map_err(|_| bad())?;
+        if !value.is_finite() || !t.contains(['e', 'E']) {
+            return Err(bad());
+        }
+        return parse_decimal(&format!("{value:.*}", usize::from(scale) + 6), precision, scale).map_err(|_| bad());
+    }
+    let int = int.trim_start_matches('0');
+    let scale = usize::from(scale);
+    let (kept, dropped) = frac.split_at(frac.len().min(scale));
+    if dropped.bytes().any(|b| b != b'0') {
+        return Err(format!("`{text}` has more than {scale} decimal places"));
+    }
+    if int.len() > usize::from(precision) - scale {
+        return Err(format!("`{text}` does not fit decimal({precision},{scale})"));
+    }
+    let mut out = String::with_capacity(int.len() + scale + 2);
+    let zero = int.is_empty() && kept.bytes().all(|b| b == b'0');
+    if negative && !zero {
+        out.push('-');
+    }
+    out.push_str(if int.is_empty() { "0" } else { int });
+    if scale > 0 {
+        out.push('.');
+        out.push_str(kept);
+        out.extend(std::iter::repeat_n('0', scale - kept.len()));
+    }
+    Ok(out)
+}
+
+/// Checks a value is JSON; the text is kept as sent.
+pub fn parse_json(text: &str) -> Result<String, String> {
+    serde_json::from_str::<serde_json::Value>(text)
+        .map(|_| text.to_string())
+        .map_err(|e| format!("`{text}` is not JSON: {e}"))
+}
+
 /// Renders epoch milliseconds the way Salesforce writes datetimes in CSV.
 pub fn format_timestamp_ms(ms: i64) -> Option<String> {
     DateTime::<Utc>::from_timestamp_millis(ms).map(|dt| dt.to_rfc3339_opts(SecondsFormat::Millis, true))
@@ -90,6 +173,40 @@ mod tests {
         assert_eq!(parse_boolean("FALSE"), Ok(false));
         assert!(parse_boolean("yes").is_err());
         assert!(parse_boolean("1").is_err());
+    }
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(parse_date("1970-01-02"), Ok(1));
+        assert_eq!(parse_date("1969-12-31"), Ok(-1));
+        assert_eq!(format_date(parse_date("2024-02-29").unwrap()).as_deref(), Some("2024-02-29"));
+        assert!(parse_date("2024-02-30").is_err());
+        assert!(parse_date("2024-01-31T00:00:00Z").is_err(), "a datetime is not a date");
+        assert_eq!(parse_time("12:00:00.000Z"), Ok(43_200_000_000_000));
+        assert_eq!(parse_time("00:00:01"), Ok(1_000_000_000));
+        assert_eq!(format_time(parse_time("23:59:59.250Z").unwrap()).as_deref(), Some("23:59:59.250"));
+        assert!(parse_time("25:00:00").is_err());
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(parse_decimal("1498212971.32", 18, 2).as_deref(), Ok("1498212971.32"));
+        assert_eq!(parse_decimal("7", 18, 2).as_deref(), Ok("7.00"));
+        assert_eq!(parse_decimal("-0.50", 4, 2).as_deref(), Ok("-0.50"));
+        assert_eq!(parse_decimal("-0.00", 4, 2).as_deref(), Ok("0.00"));
+        assert_eq!(parse_decimal("12.500", 5, 2).as_deref(), Ok("12.50"));
+        assert_eq!(parse_decimal("2.5E7", 18, 2).as_deref(), Ok("25000000.00"));
+        assert!(parse_decimal("12.345", 18, 2).unwrap_err().contains("more than 2 decimal places"));
+        assert!(parse_decimal("1000", 5, 2).unwrap_err().contains("does not fit decimal(5,2)"));
+        assert!(parse_decimal("1,5", 5, 2).is_err());
+        assert!(parse_decimal("NaN", 5, 2).is_err());
+        assert!(parse_decimal(".", 5, 2).is_err());
+    }
+
+    #[test]
+    fn json_is_validated_and_kept() {
+        assert_eq!(parse_json("{\"a\": [1, 2]}").as_deref(), Ok("{\"a\": [1, 2]}"));
+        assert!(parse_json("{a: 1}").is_err());
     }
 
     #[test]

@@ -13,7 +13,10 @@ use polars::prelude::*;
 use thiserror::Error;
 
 use crate::config::{JobFile, MappingFile};
-pub use cast::{format_timestamp_ms, parse_boolean, parse_float, parse_integer, parse_timestamp_ms};
+pub use cast::{
+    format_date, format_time, format_timestamp_ms, parse_boolean, parse_date, parse_float, parse_integer, parse_time,
+    parse_timestamp_ms,
+};
 
 /// Column carrying each row's cursor value (epoch milliseconds), used to
 /// resolve duplicate keys within one extract and dropped before the target.
@@ -44,24 +47,65 @@ pub enum ColumnType {
     Boolean,
     /// UTC instant, millisecond precision (Salesforce's precision).
     Timestamp,
+    /// Calendar date without a zone.
+    Date,
+    /// Time of day without a zone.
+    Time,
+    /// Exact number with `precision` digits, `scale` of them after the point.
+    /// Carried in the frame as canonical text (Polars' decimal type is not
+    /// built in yet); targets store it as a native exact type.
+    Decimal {
+        precision: u8,
+        scale: u8,
+    },
+    /// A JSON document, validated, kept as sent.
+    Json,
 }
 
 impl ColumnType {
-    pub const SUPPORTED: &'static str = "text, integer, float, boolean, timestamp";
+    pub const SUPPORTED: &'static str = "text, integer, float, decimal(p,s), boolean, date, time, timestamp, json";
 
     pub fn parse(name: &str) -> Result<Self, String> {
-        match name.trim() {
+        let name = name.trim();
+        if let Some(args) = name.strip_prefix("decimal(").and_then(|r| r.strip_suffix(')')) {
+            let parsed = args
+                .split_once(',')
+                .and_then(|(p, s)| Some((p.trim().parse::<u8>().ok()?, s.trim().parse::<u8>().ok()?)));
+            return match parsed {
+                Some((precision, scale)) if (1..=38).contains(&precision) && scale <= precision => {
+                    Ok(Self::Decimal { precision, scale })
+                }
+                _ => Err(format!(
+                    "`{name}`: decimal needs a precision from 1 to 38 and a scale no larger, e.g. decimal(18,2)"
+                )),
+            };
+        }
+        match name {
             "text" => Ok(Self::Text),
             "integer" => Ok(Self::Integer),
             "float" => Ok(Self::Float),
             "boolean" => Ok(Self::Boolean),
             "timestamp" => Ok(Self::Timestamp),
+            "date" => Ok(Self::Date),
+            "time" => Ok(Self::Time),
+            "json" => Ok(Self::Json),
             other => Err(format!("unknown type `{other}`; supported: {}", Self::SUPPORTED)),
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
+            Self::Decimal { precision, scale } => format!("decimal({precision},{scale})"),
+            other => other.base_name().to_string(),
+        }
+    }
+
+    fn base_name(self) -> &'static str {
+        match self {
+            Self::Date => "date",
+            Self::Time => "time",
+            Self::Decimal { .. } => "decimal",
+            Self::Json => "json",
             Self::Text => "text",
             Self::Integer => "integer",
             Self::Float => "float",
@@ -304,6 +348,10 @@ enum TypedBuilder {
     Float(Vec<Option<f64>>),
     Boolean(Vec<Option<bool>>),
     Timestamp(Vec<Option<i64>>),
+    Date(Vec<Option<i32>>),
+    Time(Vec<Option<i64>>),
+    /// Decimal and JSON: validated, carried as text.
+    Checked(Vec<Option<String>>, ColumnType),
 }
 
 impl TypedBuilder {
@@ -314,6 +362,9 @@ impl TypedBuilder {
             ColumnType::Float => Self::Float(Vec::with_capacity(capacity)),
             ColumnType::Boolean => Self::Boolean(Vec::with_capacity(capacity)),
             ColumnType::Timestamp => Self::Timestamp(Vec::with_capacity(capacity)),
+            ColumnType::Date => Self::Date(Vec::with_capacity(capacity)),
+            ColumnType::Time => Self::Time(Vec::with_capacity(capacity)),
+            ty @ (ColumnType::Decimal { .. } | ColumnType::Json) => Self::Checked(Vec::with_capacity(capacity), ty),
         }
     }
 
@@ -324,6 +375,12 @@ impl TypedBuilder {
             Self::Float(v) => v.push(Some(cast::parse_float(text)?)),
             Self::Boolean(v) => v.push(Some(cast::parse_boolean(text)?)),
             Self::Timestamp(v) => v.push(Some(cast::parse_timestamp_ms(text)?)),
+            Self::Date(v) => v.push(Some(cast::parse_date(text)?)),
+            Self::Time(v) => v.push(Some(cast::parse_time(text)?)),
+            Self::Checked(v, ColumnType::Decimal { precision, scale }) => {
+                v.push(Some(cast::parse_decimal(text, *precision, *scale)?))
+            }
+            Self::Checked(v, _) => v.push(Some(cast::parse_json(text)?)),
         }
         Ok(())
     }
@@ -331,7 +388,9 @@ impl TypedBuilder {
     fn push_null(&mut self) {
         match self {
             Self::Text(v) => v.push(None),
-            Self::Integer(v) | Self::Timestamp(v) => v.push(None),
+            Self::Integer(v) | Self::Timestamp(v) | Self::Time(v) => v.push(None),
+            Self::Date(v) => v.push(None),
+            Self::Checked(v, _) => v.push(None),
             Self::Float(v) => v.push(None),
             Self::Boolean(v) => v.push(None),
         }
@@ -345,6 +404,9 @@ impl TypedBuilder {
             Self::Float(v) => Series::new(name, v),
             Self::Boolean(v) => Series::new(name, v),
             Self::Timestamp(v) => Series::new(name, v).into_datetime(TimeUnit::Milliseconds, None),
+            Self::Date(v) => Series::new(name, v).into_date(),
+            Self::Time(v) => Series::new(name, v).into_time(),
+            Self::Checked(v, _) => Series::new(name, v),
         };
         series.into_column()
     }
@@ -448,6 +510,63 @@ type = "timestamp"
         let cursor = out.frame.column(CURSOR_COLUMN).unwrap().datetime().unwrap();
         let cursor: Vec<Option<i64>> = cursor.physical().iter().collect();
         assert_eq!(cursor, vec![Some(1_706_702_400_000), Some(1_706_706_000_001)]);
+    }
+
+    #[test]
+    fn dates_times_decimals_and_json() {
+        let job = JOB.replace(
+            r#"fields = ["Id", "Name", "Employees", "Revenue", "Active", "SystemModstamp"]"#,
+            r#"fields = ["Id", "Day", "At", "Amount", "Doc", "SystemModstamp"]"#,
+        );
+        let mapping = r#"
+[[column]]
+name = "sf_id"
+from = "Id"
+required = true
+[[column]]
+name = "day"
+from = "Day"
+type = "date"
+[[column]]
+name = "at"
+from = "At"
+type = "time"
+[[column]]
+name = "amount"
+from = "Amount"
+type = "decimal(8,2)"
+[[column]]
+name = "doc"
+from = "Doc"
+type = "json"
+"#;
+        let (job, mapping) = parse(&job, mapping);
+        let m = Mapping::new(&job, &mapping).unwrap();
+        let stamp = Some("2024-01-31T12:00:00.000Z");
+        let df = page(&[
+            ("Id", &[Some("001A"), Some("001B"), Some("001C")]),
+            ("Day", &[Some("2024-01-31"), None, Some("2024-01-31")]),
+            ("At", &[Some("12:30:00.000Z"), None, None]),
+            ("Amount", &[Some("1234.5"), Some("12.345"), Some("-3")]),
+            ("Doc", &[Some(r#"{"a":1}"#), None, Some("{nope")]),
+            ("SystemModstamp", &[stamp, stamp, stamp]),
+        ]);
+        let out = m.apply(&df).unwrap();
+        assert_eq!(out.frame.height(), 1);
+        let reasons: Vec<(&str, &str)> = out.rejects.iter().map(|r| (r.column.as_str(), r.reason.as_str())).collect();
+        assert_eq!(reasons.len(), 2);
+        assert_eq!(reasons[0].0, "amount");
+        assert!(reasons[0].1.contains("more than 2 decimal places"), "{}", reasons[0].1);
+        assert_eq!(reasons[1].0, "doc");
+        assert_eq!(out.frame.column("day").unwrap().dtype(), &DataType::Date);
+        assert_eq!(out.frame.column("at").unwrap().dtype(), &DataType::Time);
+        let amount: Vec<Option<&str>> = out.frame.column("amount").unwrap().str().unwrap().iter().collect();
+        assert_eq!(amount, vec![Some("1234.50")]);
+        let schema = m.schema();
+        assert_eq!(schema.columns[3].ty, ColumnType::Decimal { precision: 8, scale: 2 });
+        assert_eq!(schema.columns[3].ty.name(), "decimal(8,2)");
+        assert!(ColumnType::parse("decimal(2,3)").is_err());
+        assert!(ColumnType::parse("decimal(40,2)").is_err());
     }
 
     #[test]

@@ -61,6 +61,10 @@ impl TestSchema {
         self.client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
     }
 
+    pub async fn text_rows(&self, sql: &str) -> Vec<String> {
+        self.client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.client.query_one(&sql.replace("$S", &format!("\"{}\"", self.name)), &[]).await.unwrap().get(0)
     }
@@ -233,5 +237,89 @@ async fn deletes_soft_and_hard_in_postgres() {
         assert_eq!(again.status, RunStatus::Succeeded, "{:?}", again.error);
         assert_eq!((again.counts.inserted, again.counts.updated), (0, 0), "{mode}");
         assert_eq!(schema.scalar(&format!("SELECT count(*) FROM {quoted}")).await, rows);
+    }
+}
+
+/// Every mapped type lands as a native Postgres type with its exact value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_columns_land_as_native_postgres_types() {
+    let Some(schema) = TestSchema::create("types").await else { return };
+    let mut fx = pg_fixture(&schema, FixtureOptions { accounts: 200, ..Default::default() }).await;
+    let mapping = r#"
+[[column]]
+name = "id"
+from = "Id"
+required = true
+[[column]]
+name = "revenue"
+from = "AnnualRevenue"
+type = "decimal(18,2)"
+[[column]]
+name = "since"
+from = "CustomerSince__c"
+type = "date"
+[[column]]
+name = "score"
+from = "Score__c"
+type = "decimal(5,2)"
+[[column]]
+name = "employees"
+from = "NumberOfEmployees"
+type = "integer"
+[[column]]
+name = "active"
+from = "IsActive__c"
+type = "boolean"
+[[column]]
+name = "modified"
+from = "SystemModstamp"
+type = "timestamp"
+"#;
+    std::fs::write(fx.dir.path().join("mappings/accounts.toml"), mapping).unwrap();
+    fx.reload();
+    fx.advance(60);
+    let report = fx.run().await;
+    assert_eq!(report.status, RunStatus::Succeeded, "{:?}", report.error);
+    assert_eq!((report.counts.inserted, report.counts.rejected), (200, 0));
+
+    let types = schema
+        .text_rows(&format!(
+            "SELECT column_name || ' ' || data_type FROM information_schema.columns WHERE table_schema = '{}' \
+             AND table_name = 'account' AND column_name NOT LIKE '\\_%' ORDER BY ordinal_position",
+            schema.name
+        ))
+        .await;
+    assert_eq!(
+        types,
+        [
+            "id text",
+            "revenue numeric",
+            "since date",
+            "score numeric",
+            "employees bigint",
+            "active boolean",
+            "modified timestamp with time zone"
+        ]
+    );
+    // Values match what Salesforce sent, exactly (numeric keeps its scale).
+    let records = fx.sandbox.records("Account").unwrap();
+    let value =
+        |r: &Vec<(String, Option<String>)>, f: &str| r.iter().find(|(k, _)| k == f).and_then(|(_, v)| v.clone());
+    for record in records.iter().take(50) {
+        let id = value(record, "Id").unwrap();
+        let row = schema
+            .text_rows(&format!(
+                "SELECT concat_ws('|', revenue::text, since::text, score::text) FROM \"{}\".account WHERE id = '{id}'",
+                schema.name
+            ))
+            .await;
+        let expected_revenue = value(record, "AnnualRevenue");
+        let got: Vec<&str> = row[0].split('|').collect();
+        if let Some(rev) = expected_revenue {
+            assert!(got.contains(&rev.as_str()), "revenue {rev} in {got:?}");
+        }
+        if let Some(since) = value(record, "CustomerSince__c") {
+            assert!(got.contains(&since.as_str()), "date {since} in {got:?}");
+        }
     }
 }
