@@ -41,11 +41,13 @@ fn main() {
     let base = format!("http://127.0.0.1:{port}");
 
     println!("nightjar throughput benchmark: {rows} Accounts, page size {PAGE_SIZE}");
-    let mut sandbox = Command::new(bin)
-        .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--generate", &format!("Account={rows}")])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the sandbox starts");
+    let mut sandbox = Sandbox(
+        Command::new(bin)
+            .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--generate", &format!("Account={rows}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the sandbox starts"),
+    );
     wait_until_up(&base);
     post(&format!("{base}/sandbox/clock/advance?by=1h"));
 
@@ -72,8 +74,7 @@ fn main() {
     let sqlite = run(bin, dir.path(), "lite");
 
     let baselines = time_baselines(&url, &cols, &csv);
-    let _ = sandbox.kill();
-    let _ = sandbox.wait();
+    sandbox.stop();
     psql(&url, &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"));
 
     let secs = |d: Duration| d.as_secs_f64();
@@ -107,6 +108,22 @@ fn main() {
         if let Some(last) = m.output.lines().last() {
             println!("{name}: {last}");
         }
+    }
+}
+
+/// The sandbox process, stopped when the benchmark ends, even on a panic.
+struct Sandbox(std::process::Child);
+
+impl Sandbox {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
