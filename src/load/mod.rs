@@ -17,7 +17,7 @@ pub use sqlite::SqliteTarget;
 
 use crate::config::{Connection, DeleteMode, Job, Project, SchemaEvolution};
 use crate::state::RunId;
-use crate::transform::{ColumnType, TargetColumn, TargetSchema};
+use crate::transform::{CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetColumn, TargetSchema};
 
 /// Bookkeeping columns every target table gets.
 pub const RUN_ID_COLUMN: &str = "_nightjar_run_id";
@@ -143,6 +143,32 @@ pub(crate) fn table_columns(
     let key: Vec<String> = schema.key.iter().map(|k| quote_ident(k)).collect();
     defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
     defs.join(", ")
+}
+
+/// The columns of a mapped page a target stages, in order: the schema's
+/// columns, then the cursor and deleted-flag columns when the page has them.
+pub(crate) fn staged_columns<'a>(
+    target: &str,
+    schema: &TargetSchema,
+    page: &'a DataFrame,
+) -> Result<(Vec<&'a str>, Vec<&'a Column>), LoadError> {
+    let mut names: Vec<&str> = Vec::with_capacity(schema.columns.len() + 2);
+    let mut columns = Vec::with_capacity(schema.columns.len() + 2);
+    for c in &schema.columns {
+        let column = page.column(&c.name).map_err(|_| LoadError::Schema {
+            target: target.to_string(),
+            message: format!("the mapped page lacks column `{}`", c.name),
+        })?;
+        names.push(column.name().as_str());
+        columns.push(column);
+    }
+    for extra in [CURSOR_COLUMN, DELETED_COLUMN] {
+        if let Ok(column) = page.column(extra) {
+            names.push(column.name().as_str());
+            columns.push(column);
+        }
+    }
+    Ok((names, columns))
 }
 
 /// How an existing table must change to take this run's mapping.

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::{
     LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, Target, TargetOptions, pause_point,
-    plan_evolution, quote_ident, table_columns,
+    plan_evolution, quote_ident, staged_columns, table_columns,
 };
 use crate::config::DeleteMode;
 use crate::state::RunId;
@@ -294,21 +294,7 @@ impl Target for PostgresTarget {
         if page.height() == 0 {
             return Ok(());
         }
-        let mut names: Vec<&str> = plan.schema.columns.iter().map(|c| c.name.as_str()).collect();
-        for extra in [CURSOR_COLUMN, DELETED_COLUMN] {
-            if page.column(extra).is_ok() {
-                names.push(extra);
-            }
-        }
-        let columns: Vec<&Column> = names
-            .iter()
-            .map(|n| {
-                page.column(n).map_err(|_| LoadError::Schema {
-                    target: name.clone(),
-                    message: format!("the mapped page lacks column `{n}`"),
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        let (names, columns) = staged_columns(&name, &plan.schema, page)?;
         let schema_err = |e: PolarsError| LoadError::Schema { target: name.clone(), message: e.to_string() };
         let cells: Vec<Cells<'_>> = columns
             .iter()

@@ -11,7 +11,7 @@ use rusqlite::{Connection, params_from_iter};
 
 use super::{
     LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, Target, TargetOptions, pause_point,
-    plan_evolution, quote_ident, table_columns,
+    plan_evolution, quote_ident, staged_columns, table_columns,
 };
 use crate::config::DeleteMode;
 use crate::state::{RunId, ts};
@@ -160,23 +160,8 @@ impl Target for SqliteTarget {
     async fn stage(&mut self, page: &DataFrame) -> Result<(), LoadError> {
         let name = self.name();
         let plan = self.run.as_ref().ok_or_else(|| LoadError::OutOfOrder { target: name.clone(), stage: "stage" })?;
-        let has_cursor = page.column(CURSOR_COLUMN).is_ok();
-        let mut names: Vec<&str> = plan.schema.columns.iter().map(|c| c.name.as_str()).collect();
-        if has_cursor {
-            names.push(CURSOR_COLUMN);
-        }
-        if page.column(DELETED_COLUMN).is_ok() {
-            names.push(DELETED_COLUMN);
-        }
-        let columns: Vec<&Column> = names
-            .iter()
-            .map(|n| {
-                page.column(n).map_err(|_| LoadError::Schema {
-                    target: name.clone(),
-                    message: format!("the mapped page lacks column `{n}`"),
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        let (names, columns) = staged_columns(&name, &plan.schema, page)?;
+        let has_cursor = names.contains(&CURSOR_COLUMN);
         let quoted: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
         let key: Vec<String> = plan.schema.key.iter().map(|k| quote_ident(k)).collect();
         let set: Vec<String> = quoted.iter().map(|q| format!("{q} = excluded.{q}")).collect();
