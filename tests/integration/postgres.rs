@@ -130,12 +130,24 @@ async fn postgres_load_is_idempotent_and_incremental() {
     assert_eq!(ts_type, 1, "timestamp columns are timestamptz");
 }
 
-fn page(ids: &[&str], values: &[i64], cursors: &[i64]) -> DataFrame {
+/// A mapped page `(id, v, cursor)`, as the transform stage hands it to a target.
+pub fn page(ids: &[&str], values: &[i64], cursors: &[i64]) -> DataFrame {
     let id = Series::new("id".into(), ids.to_vec()).into_column();
     let v = Series::new("v".into(), values.to_vec()).into_column();
     let c =
         Series::new(CURSOR_COLUMN.into(), cursors.to_vec()).into_datetime(TimeUnit::Milliseconds, None).into_column();
     DataFrame::new(ids.len(), vec![id, v, c]).unwrap()
+}
+
+/// Schema of [`page`]: text key `id`, integer `v`.
+pub fn id_value_schema() -> TargetSchema {
+    TargetSchema {
+        columns: vec![
+            TargetColumn { name: "id".into(), ty: ColumnType::Text, nullable: false },
+            TargetColumn { name: "v".into(), ty: ColumnType::Integer, nullable: true },
+        ],
+        key: vec!["id".into()],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,13 +159,7 @@ async fn duplicate_keys_in_one_extract_resolve_to_the_newest_row() {
         deletes: DeleteMode::Ignore,
         schema_evolution: SchemaEvolution::Fail,
     };
-    let target_schema = TargetSchema {
-        columns: vec![
-            TargetColumn { name: "id".into(), ty: ColumnType::Text, nullable: false },
-            TargetColumn { name: "v".into(), ty: ColumnType::Integer, nullable: true },
-        ],
-        key: vec!["id".into()],
-    };
+    let target_schema = id_value_schema();
     let mut target = PostgresTarget::connect("test", &pg_url(), options).await.unwrap();
     target.prepare(&target_schema, 1).await.unwrap();
     target.stage(&page(&["a", "a", "b"], &[1, 2, 10], &[10, 20, 5])).await.unwrap();
