@@ -15,6 +15,7 @@ pub struct Page {
 
 /// Parses a results page (its own header row first) with a real RFC 4180
 /// reader: values may hold delimiters, doubled quotes and raw newlines.
+/// Values go straight into Polars string builders (no `String` per value).
 pub fn parse_csv_page(body: &[u8]) -> Result<DataFrame, String> {
     // An empty result may come as a 0-byte body instead of a header-only CSV.
     if body.iter().all(|b| b.is_ascii_whitespace()) {
@@ -23,15 +24,24 @@ pub fn parse_csv_page(body: &[u8]) -> Result<DataFrame, String> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(body);
     let headers: Vec<String> =
         reader.headers().map_err(|e| format!("bad CSV header row: {e}"))?.iter().map(str::to_string).collect();
-    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
+    // A row is rarely under ~100 bytes; a close guess saves regrowth.
+    let capacity = body.len() / (headers.len().max(1) * 16).max(100);
+    let mut columns: Vec<StringChunkedBuilder> =
+        headers.iter().map(|h| StringChunkedBuilder::new(PlSmallStr::from_str(h), capacity)).collect();
     let mut record = csv::StringRecord::new();
+    let mut height = 0;
     loop {
         match reader.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {
                 for (column, value) in columns.iter_mut().zip(record.iter()) {
-                    column.push(if value.is_empty() { None } else { Some(value.to_string()) });
+                    if value.is_empty() {
+                        column.append_null();
+                    } else {
+                        column.append_value(value);
+                    }
                 }
+                height += 1;
             }
             Err(e) => {
                 let line = e.position().map(|p| p.line()).unwrap_or(0);
@@ -39,12 +49,7 @@ pub fn parse_csv_page(body: &[u8]) -> Result<DataFrame, String> {
             }
         }
     }
-    let height = columns.first().map_or(0, Vec::len);
-    let columns = headers
-        .iter()
-        .zip(columns)
-        .map(|(name, values)| Series::new(PlSmallStr::from_str(name), values).into_column())
-        .collect();
+    let columns = columns.into_iter().map(|b| b.finish().into_series().into_column()).collect();
     DataFrame::new(height, columns).map_err(|e| e.to_string())
 }
 

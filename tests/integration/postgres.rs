@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use nightjar::config::{DeleteMode, SchemaEvolution};
 use nightjar::load::{PostgresTarget, Target, TargetOptions};
 use nightjar::state::RunStatus;
-use nightjar::transform::{CURSOR_COLUMN, ColumnType, TargetColumn, TargetSchema};
+use nightjar::transform::{CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetColumn, TargetSchema};
 use polars::prelude::*;
 
 use crate::fixture::{Fixture, FixtureOptions, TargetKind};
@@ -328,4 +328,225 @@ type = "timestamp"
             assert!(got.contains(&since.as_str()), "date {since} in {got:?}");
         }
     }
+}
+
+/// The table as JSON text without the bookkeeping columns, ordered by key.
+async fn data_snapshot(schema: &TestSchema, table: &str, key: &str) -> Vec<String> {
+    schema
+        .text_rows(&format!(
+            "SELECT (to_jsonb(t) - '_nightjar_run_id' - '_nightjar_loaded_at')::text FROM \"{}\".\"{table}\" t ORDER BY \"{key}\"",
+            schema.name
+        ))
+        .await
+}
+
+/// A first load goes straight into the empty table (no staging, no merge);
+/// it must give exactly the table the staging + merge path gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_load_gives_the_same_table_as_the_merge_path() {
+    let Some(schema) = TestSchema::create("fastpath").await else { return };
+    for deletes in ["soft", "hard", "ignore"] {
+        let fast_table = format!("fast_{deletes}");
+        let merge_table = format!("merge_{deletes}");
+        let fixture = |table: &str| {
+            Fixture::build(FixtureOptions {
+                accounts: 1_500,
+                page_size: 400,
+                target: TargetKind::Postgres { url: pg_url(), table: format!("{}.{table}", schema.name) },
+                deletes,
+                ..Default::default()
+            })
+        };
+        let fast = fixture(&fast_table).await;
+        let merge = fixture(&merge_table).await;
+        for fx in [&fast, &merge] {
+            // Deleted records in the extract (same ones in both sandboxes).
+            let ids: Vec<String> = fx
+                .sandbox
+                .records("Account")
+                .unwrap()
+                .iter()
+                .skip(10)
+                .step_by(97)
+                .map(|r| r[0].1.clone().unwrap())
+                .collect();
+            fx.sandbox.delete_records("Account", &ids).unwrap();
+            fx.advance(60);
+        }
+
+        // The merge path: the table exists and holds a row (taken out afterwards).
+        let first = merge.run().await;
+        assert_eq!(first.status, RunStatus::Succeeded, "{:?}", first.error);
+        let quoted_merge = format!("\"{}\".\"{merge_table}\"", schema.name);
+        schema
+            .scalar(&format!(
+                "WITH d AS (DELETE FROM {quoted_merge} WHERE id <> (SELECT min(id) FROM {quoted_merge}) RETURNING 1) \
+                 SELECT count(*) FROM d"
+            ))
+            .await;
+        schema
+            .scalar(&format!(
+                "WITH u AS (UPDATE {quoted_merge} SET id = 'zzz-sentinel' RETURNING 1) SELECT count(*) FROM u"
+            ))
+            .await;
+        merge.state.clear_watermark("accounts").unwrap();
+        let merged = merge.run().await;
+        assert_eq!(merged.status, RunStatus::Succeeded, "{:?}", merged.error);
+        schema
+            .scalar(&format!(
+                "WITH d AS (DELETE FROM {quoted_merge} WHERE id = 'zzz-sentinel' RETURNING 1) SELECT count(*) FROM d"
+            ))
+            .await;
+
+        let direct = fast.run().await;
+        assert_eq!(direct.status, RunStatus::Succeeded, "{:?}", direct.error);
+        let live = 1_500 - 16;
+        assert_eq!(direct.counts.extracted, if deletes == "ignore" { live } else { 1_500 } as u64);
+        assert_eq!(
+            (direct.counts.inserted, direct.counts.updated, direct.counts.unchanged, direct.counts.deleted),
+            (merged.counts.inserted, merged.counts.updated, merged.counts.unchanged, merged.counts.deleted),
+            "{deletes}: counts"
+        );
+        let fast_rows = data_snapshot(&schema, &fast_table, "id").await;
+        let merge_rows = data_snapshot(&schema, &merge_table, "id").await;
+        let expected = if deletes == "soft" { 1_500 } else { live };
+        assert_eq!(fast_rows.len(), expected, "{deletes}");
+        assert!(fast_rows == merge_rows, "{deletes}: the first load differs from the merge path");
+        // Every row of the first load carries its run id.
+        let quoted_fast = format!("\"{}\".\"{fast_table}\"", schema.name);
+        let ours = schema
+            .scalar(&format!("SELECT count(*) FROM {quoted_fast} WHERE _nightjar_run_id = {}", direct.run_id))
+            .await;
+        assert_eq!(ours as usize, expected);
+
+        // And the fast-loaded table takes the next incremental run like any other.
+        fast.advance(1);
+        fast.sandbox.update_records("Account", 5).unwrap();
+        fast.advance(3);
+        let incr = fast.run().await;
+        assert_eq!(incr.status, RunStatus::Succeeded, "{:?}", incr.error);
+        assert_eq!((incr.counts.updated, incr.counts.inserted), (5, 0), "{deletes}");
+    }
+}
+
+/// A mapped page `(id, v, modified)` whose `modified` column is the cursor.
+fn page_with_modified(ids: &[&str], values: &[i64], cursors: &[i64], deleted: Option<&[bool]>) -> DataFrame {
+    let mut frame = page(ids, values, cursors);
+    let modified =
+        Series::new("modified".into(), cursors.to_vec()).into_datetime(TimeUnit::Milliseconds, None).into_column();
+    frame.with_column(modified).unwrap();
+    if let Some(flags) = deleted {
+        frame.with_column(Series::new(DELETED_COLUMN.into(), flags.to_vec()).into_column()).unwrap();
+    }
+    frame
+}
+
+fn id_value_modified_schema() -> TargetSchema {
+    let mut schema = id_value_schema();
+    schema.columns.push(TargetColumn { name: "modified".into(), ty: ColumnType::Timestamp, nullable: false });
+    schema
+}
+
+/// Key `k` and its value `v` in the test's account table, by key.
+async fn values_by_key(schema: &TestSchema) -> Vec<String> {
+    schema.text_rows(&format!("SELECT id || '=' || v FROM \"{}\".account ORDER BY id", schema.name)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_keys_across_pages_of_a_first_load_resolve_to_the_highest_cursor() {
+    let Some(schema) = TestSchema::create("fastdups").await else { return };
+    let options = TargetOptions {
+        table: schema.table(),
+        create: true,
+        deletes: DeleteMode::Ignore,
+        schema_evolution: SchemaEvolution::Fail,
+    };
+    let mut target = PostgresTarget::connect("test", &pg_url(), options).await.unwrap();
+    target.prepare(&id_value_modified_schema(), 1).await.unwrap();
+    // Page 1 goes straight into the table.
+    target.stage(&page_with_modified(&["a", "b"], &[1, 10], &[10, 5], None)).await.unwrap();
+    // Page 2 repeats a (newer) and b (older): the rest of the load is staged and merged by cursor.
+    target.stage(&page_with_modified(&["a", "b", "c"], &[3, 11, 20], &[15, 4, 1], None)).await.unwrap();
+    target.stage(&page_with_modified(&["c", "d"], &[21, 30], &[2, 1], None)).await.unwrap();
+    let counts = target.commit().await.unwrap();
+    assert_eq!((counts.inserted, counts.updated, counts.unchanged, counts.deleted), (4, 0, 0, 0));
+    assert_eq!(values_by_key(&schema).await, ["a=3", "b=10", "c=21", "d=30"]);
+}
+
+/// deletes = hard on a first load: a deleted record must not appear, and it
+/// still removes an older live row of its key; a newer live row beats it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_records_in_a_first_load_beat_only_older_rows() {
+    let Some(schema) = TestSchema::create("fastdel").await else { return };
+    for (n, deletes) in [DeleteMode::Hard, DeleteMode::Ignore, DeleteMode::Soft].into_iter().enumerate() {
+        let table = format!("{}_{n}", schema.table());
+        let options =
+            TargetOptions { table: table.clone(), create: true, deletes, schema_evolution: SchemaEvolution::Fail };
+        let mut target = PostgresTarget::connect("test", &pg_url(), options).await.unwrap();
+        target.prepare(&id_value_modified_schema(), 1).await.unwrap();
+        target
+            .stage(&page_with_modified(&["a", "b", "x"], &[1, 2, 3], &[10, 20, 1], Some(&[false, true, true])))
+            .await
+            .unwrap();
+        target.stage(&page_with_modified(&["b", "x"], &[4, 5], &[5, 9], Some(&[false, false]))).await.unwrap();
+        let counts = target.commit().await.unwrap();
+        let rows = schema
+            .text_rows(&format!("SELECT id || '=' || v FROM \"{}\".\"account_{n}\" ORDER BY id", schema.name))
+            .await;
+        if deletes == DeleteMode::Soft {
+            let flagged = schema
+                .text_rows(&format!("SELECT id FROM \"{}\".\"account_{n}\" WHERE _deleted ORDER BY id", schema.name))
+                .await;
+            assert_eq!(rows, ["a=1", "b=2", "x=5"]);
+            assert_eq!(flagged, ["b"]);
+            assert_eq!((counts.inserted, counts.deleted), (2, 1));
+        } else {
+            assert_eq!(rows, ["a=1", "x=5"], "{deletes:?}");
+            assert_eq!((counts.inserted, counts.deleted), (2, 0), "{deletes:?}");
+        }
+    }
+}
+
+/// A first load that fails leaves nothing behind: no rows in an existing
+/// empty table, no table at all when the load was to create it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_load_leaves_nothing_behind() {
+    let Some(schema) = TestSchema::create("fastfail").await else { return };
+    let options = || TargetOptions {
+        table: schema.table(),
+        create: true,
+        deletes: DeleteMode::Ignore,
+        schema_evolution: SchemaEvolution::Fail,
+    };
+    let table_exists = format!(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{}' AND table_name = 'account'",
+        schema.name
+    );
+    // The load was to create the table: aborted after a page, and dropped mid-load.
+    for drop_instead in [false, true] {
+        let mut target = PostgresTarget::connect("test", &pg_url(), options()).await.unwrap();
+        target.prepare(&id_value_modified_schema(), 1).await.unwrap();
+        target.stage(&page_with_modified(&["a", "b"], &[1, 2], &[1, 2], None)).await.unwrap();
+        // A page the table cannot take fails the load.
+        let bad = page(&["c"], &[3], &[3]);
+        assert!(target.stage(&bad).await.is_err(), "a page without the mapped `modified` column is refused");
+        if drop_instead {
+            // The session ends: the server rolls the transaction back.
+            drop(target);
+        } else {
+            target.abort().await.unwrap();
+        }
+        assert_eq!(schema.scalar(&table_exists).await, 0, "no table is left behind");
+    }
+    // An existing empty table stays empty.
+    let mut target = PostgresTarget::connect("test", &pg_url(), options()).await.unwrap();
+    target.prepare(&id_value_modified_schema(), 1).await.unwrap();
+    target.commit().await.unwrap();
+    assert_eq!(schema.scalar(&table_exists).await, 1);
+    let mut target = PostgresTarget::connect("test", &pg_url(), options()).await.unwrap();
+    target.prepare(&id_value_modified_schema(), 2).await.unwrap();
+    target.stage(&page_with_modified(&["a", "b"], &[1, 2], &[1, 2], None)).await.unwrap();
+    target.stage(&page_with_modified(&["a"], &[9], &[5], None)).await.unwrap();
+    target.abort().await.unwrap();
+    assert_eq!(schema.scalar("SELECT count(*) FROM $S.account").await, 0);
 }
