@@ -6,7 +6,11 @@
 //!
 //! ```sh
 //! cargo bench --bench throughput -- --rows 100000      # also 1000000, 5000000
+//! cargo bench --bench throughput -- --rows 1000000 --page-size 10000 --repeat 3
 //! ```
+//!
+//! The first load, the sandbox alone and `\copy` straight into the table
+//! are each run `--repeat` times (default 3) and their medians compared.
 //!
 //! Needs `psql` and the Postgres server at `NIGHTJAR_BENCH_POSTGRES_URL`
 //! (default postgresql://postgres@127.0.0.1:5432/test); works in the schema
@@ -16,23 +20,24 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PAGE_SIZE: u32 = 100_000;
+/// Rows per result page (`maxRecords`) unless `--page-size` says otherwise.
+const DEFAULT_PAGE_SIZE: u32 = 10_000;
 const SCHEMA: &str = "nightjar_bench";
 
 struct Measured {
     wall: Duration,
     peak_rss_kb: u64,
     output: String,
+    /// `step duration` pairs from `nightjar show`.
+    steps: String,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rows: usize = args
-        .iter()
-        .position(|a| a == "--rows")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    let rows: usize = flag("--rows").and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let page_size: u32 = flag("--page-size").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PAGE_SIZE);
+    let repeat: usize = flag("--repeat").and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let url = std::env::var("NIGHTJAR_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
     let bin = env!("CARGO_BIN_EXE_nightjar");
@@ -40,7 +45,7 @@ fn main() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
 
-    println!("nightjar throughput benchmark: {rows} Accounts, page size {PAGE_SIZE}");
+    println!("nightjar throughput benchmark: {rows} Accounts, page size {page_size}, medians of {repeat}");
     let mut sandbox = Sandbox(
         Command::new(bin)
             .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--generate", &format!("Account={rows}")])
@@ -51,11 +56,22 @@ fn main() {
     wait_until_up(&base);
     post(&format!("{base}/sandbox/clock/advance?by=1h"));
 
-    write_project(dir.path(), &base, &url);
+    write_project(dir.path(), &base, &url, page_size);
     psql(&url, &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; CREATE SCHEMA {SCHEMA};"));
 
-    let sandbox_alone = time_sandbox_alone(&base);
-    let first = run(bin, dir.path(), "pg");
+    let sandbox_alone = median((0..repeat).map(|_| time_sandbox_alone(&base, page_size)).collect());
+    let mut firsts = Vec::new();
+    for i in 0..repeat {
+        if i > 0 {
+            // Back to an empty target: no table, no watermark.
+            psql(&url, &format!("DROP TABLE {SCHEMA}.account"));
+            nightjar(bin, dir.path(), &["watermark", "pg", "--clear"]);
+        }
+        firsts.push(run(bin, dir.path(), "pg"));
+    }
+    let first_walls: Vec<Duration> = firsts.iter().map(|m| m.wall).collect();
+    let first_median = median(first_walls.clone());
+    let first = firsts.into_iter().find(|m| m.wall == first_median).expect("the median is one of the runs");
     let csv = dir.path().join("rows.csv");
     let cols = psql(
         &url,
@@ -73,7 +89,7 @@ fn main() {
     let unchanged = run(bin, dir.path(), "pg");
     let sqlite = run(bin, dir.path(), "lite");
 
-    let baselines = time_baselines(&url, &cols, &csv);
+    let baselines = time_baselines(&url, &cols, &csv, repeat);
     sandbox.stop();
     psql(&url, &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"));
 
@@ -92,7 +108,7 @@ fn main() {
             m.peak_rss_kb as f64 / 1024.0
         );
     };
-    line("postgres first load", &first, Some((floor_first, "of max(sandbox alone, \\copy)")));
+    line("postgres first load (median)", &first, Some((floor_first, "of max(sandbox alone, \\copy)")));
     line("postgres every row changed", &changed, Some((floor_upsert, "of staging \\copy + merge")));
     line("postgres nothing changed", &unchanged, None);
     line("sqlite first load", &sqlite, None);
@@ -104,7 +120,12 @@ fn main() {
         secs(baselines.copy_stage),
         secs(baselines.merge_changed)
     );
+    println!(
+        "first loads: {}",
+        first_walls.iter().map(|w| format!("{:.2} s", secs(*w))).collect::<Vec<_>>().join(", ")
+    );
     for (name, m) in [("first", &first), ("changed", &changed), ("unchanged", &unchanged), ("sqlite", &sqlite)] {
+        println!("{name} steps: {}", m.steps);
         if let Some(last) = m.output.lines().last() {
             println!("{name}: {last}");
         }
@@ -167,7 +188,50 @@ fn psql(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn write_project(dir: &Path, base: &str, url: &str) {
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+/// Runs a nightjar command in the project and returns its stdout.
+fn nightjar(bin: &str, dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin)
+        .args(["--config", "nightjar.toml"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("nightjar runs");
+    assert!(out.status.success(), "nightjar {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The step timings of the job's latest run, from `nightjar show --json`.
+fn steps(bin: &str, dir: &Path, job: &str) -> String {
+    let history: serde_json::Value =
+        serde_json::from_str(&nightjar(bin, dir, &["history", "--job", job, "--limit", "1", "--json"]))
+            .expect("history JSON");
+    let Some(id) = history[0]["id"].as_i64() else { return String::new() };
+    let show: serde_json::Value =
+        serde_json::from_str(&nightjar(bin, dir, &["show", &id.to_string(), "--json"])).expect("show JSON");
+    show["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {:.2} s",
+                        s["step"].as_str().unwrap_or("?"),
+                        s["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+fn write_project(dir: &Path, base: &str, url: &str, page_size: u32) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.join("jobs")).unwrap();
     std::fs::create_dir_all(dir.join("mappings")).unwrap();
@@ -182,7 +246,7 @@ fn write_project(dir: &Path, base: &str, url: &str) {
     )
     .unwrap();
     let job = std::fs::read_to_string(root.join("jobs/accounts.toml")).unwrap();
-    let job = job.replace("page_size = 1000 ", &format!("page_size = {PAGE_SIZE} "));
+    let job = job.replace("page_size = 1000 ", &format!("page_size = {page_size} "));
     for (name, conn, table) in [("pg", "pg", format!("{SCHEMA}.account")), ("lite", "lite", "account".to_string())] {
         let text = job
             .replace("connection = \"local\"", &format!("connection = \"{conn}\""))
@@ -215,11 +279,11 @@ fn run(bin: &str, dir: &Path, job: &str) -> Measured {
     let wall = start.elapsed();
     let output = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "nightjar run {job} failed: {output}");
-    Measured { wall, peak_rss_kb: peak, output }
+    Measured { wall, peak_rss_kb: peak, output, steps: steps(bin, dir, job) }
 }
 
 /// Time to pull every page from the sandbox with nothing downstream.
-fn time_sandbox_alone(base: &str) -> Duration {
+fn time_sandbox_alone(base: &str, page_size: u32) -> Duration {
     runtime().block_on(async {
         let http = reqwest::Client::new();
         let start = Instant::now();
@@ -258,7 +322,7 @@ fn time_sandbox_alone(base: &str) -> Duration {
         }
         let mut locator: Option<String> = None;
         loop {
-            let mut url = format!("{api}/{id}/results?maxRecords={PAGE_SIZE}");
+            let mut url = format!("{api}/{id}/results?maxRecords={page_size}");
             if let Some(l) = &locator {
                 url.push_str(&format!("&locator={l}"));
             }
@@ -286,7 +350,7 @@ fn timed(url: &str, sql: &str) -> Duration {
     start.elapsed()
 }
 
-fn time_baselines(url: &str, cols: &str, csv: &Path) -> Baselines {
+fn time_baselines(url: &str, cols: &str, csv: &Path, repeat: usize) -> Baselines {
     let csv = csv.display();
     let non_key: Vec<&str> = cols.split(',').filter(|c| *c != "sf_id").collect();
     let set: Vec<String> = non_key.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
@@ -301,7 +365,14 @@ fn time_baselines(url: &str, cols: &str, csv: &Path) -> Baselines {
              ALTER TABLE {SCHEMA}.stage ALTER COLUMN _nightjar_run_id DROP NOT NULL, ALTER COLUMN _nightjar_loaded_at DROP NOT NULL;"
         ),
     );
-    let copy_straight = timed(url, &format!("\\copy {SCHEMA}.plain ({cols}) FROM '{csv}' CSV"));
+    let copy_straight = median(
+        (0..repeat)
+            .map(|_| {
+                psql(url, &format!("TRUNCATE {SCHEMA}.plain"));
+                timed(url, &format!("\\copy {SCHEMA}.plain ({cols}) FROM '{csv}' CSV"))
+            })
+            .collect(),
+    );
     let copy_stage = timed(url, &format!("\\copy {SCHEMA}.stage ({cols}) FROM '{csv}' CSV"));
     psql(url, &format!("UPDATE {SCHEMA}.stage SET name = name || 'x'"));
     let merge_changed = timed(
