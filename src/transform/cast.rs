@@ -75,7 +75,11 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
     let t = text.trim();
     let t = t.strip_suffix('Z').unwrap_or(t);
     let time = NaiveTime::parse_from_str(t, "%H:%M:%S%.f")
-        .map_err(|_| format!("`{text}` is not a time (expected e.g. 12:00:00.000Z)"))?;
+        .ok()
+        // chrono reads a leap second (`23:59:60`) as a nanosecond past 1e9,
+        // which would land past the end of the day.
+        .filter(|time| time.nanosecond() < 1_000_000_000)
+        .ok_or_else(|| format!("`{text}` is not a time (expected e.g. 12:00:00.000Z)"))?;
     Ok(i64::from(time.num_seconds_from_midnight()) * 1_000_000_000 + i64::from(time.nanosecond()))
 }
 
@@ -101,12 +105,11 @@ pub fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<String, Str
         || !int.bytes().all(|b| b.is_ascii_digit())
         || !frac.bytes().all(|b| b.is_ascii_digit())
     {
-        // Exponent forms (1.5E7) are what Salesforce may send for large doubles.
-        let value: f64 = t.parse().map_err(|_| bad())?;
-        if !value.is_finite() || !t.contains(['e', 'E']) {
-            return Err(bad());
-        }
-        return parse_decimal(&format!("{value:.*}", usize::from(scale) + 6), precision, scale).map_err(|_| bad());
+        // Exponent forms (1.5E7) are what Salesforce may send for large
+        // doubles. The point is moved in the digits themselves: going
+        // through f64 would round.
+        let plain = without_exponent(t).ok_or_else(bad)?;
+        return parse_decimal(&plain, precision, scale).map_err(|e| e.replace(&plain, text));
     }
     let int = int.trim_start_matches('0');
     let scale = usize::from(scale);
@@ -129,6 +132,36 @@ pub fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<String, Str
         out.extend(std::iter::repeat_n('0', scale - kept.len()));
     }
     Ok(out)
+}
+
+/// `-1.25E3` -> `-1250`, `5E-3` -> `0.005`, exactly; None if `text` is not
+/// a number with an exponent.
+fn without_exponent(text: &str) -> Option<String> {
+    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
+    let exponent: i64 = exponent.strip_prefix('+').unwrap_or(exponent).parse().ok()?;
+    let (sign, digits) = match mantissa.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", mantissa.strip_prefix('+').unwrap_or(mantissa)),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if (int.is_empty() && frac.is_empty()) || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Far beyond any decimal(38,s); refusing keeps the padding bounded.
+    if exponent.abs() > 400 {
+        return None;
+    }
+    let all: String = format!("{int}{frac}");
+    let point = int.len() as i64 + exponent;
+    let (int, frac) = if point <= 0 {
+        (String::from("0"), format!("{}{all}", "0".repeat((-point) as usize)))
+    } else if point as usize >= all.len() {
+        (format!("{all}{}", "0".repeat(point as usize - all.len())), String::new())
+    } else {
+        let (i, f) = all.split_at(point as usize);
+        (i.to_string(), f.to_string())
+    };
+    Some(if frac.is_empty() { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
 }
 
 /// Checks a value is JSON; the text is kept as sent.
@@ -186,6 +219,7 @@ mod tests {
         assert_eq!(parse_time("00:00:01"), Ok(1_000_000_000));
         assert_eq!(format_time(parse_time("23:59:59.250Z").unwrap()).as_deref(), Some("23:59:59.250"));
         assert!(parse_time("25:00:00").is_err());
+        assert!(parse_time("23:59:60").is_err(), "no leap seconds past the end of the day");
     }
 
     #[test]
@@ -196,6 +230,10 @@ mod tests {
         assert_eq!(parse_decimal("-0.00", 4, 2).as_deref(), Ok("0.00"));
         assert_eq!(parse_decimal("12.500", 5, 2).as_deref(), Ok("12.50"));
         assert_eq!(parse_decimal("2.5E7", 18, 2).as_deref(), Ok("25000000.00"));
+        assert_eq!(parse_decimal("-1.25e-2", 18, 4).as_deref(), Ok("-0.0125"));
+        assert!(parse_decimal("1.0E-7", 18, 0).unwrap_err().contains("more than 0 decimal places"));
+        assert!(parse_decimal("1.23456789012345678E17", 18, 0).is_ok(), "no f64 rounding on the way");
+        assert!(parse_decimal("1E400000", 38, 0).is_err());
         assert!(parse_decimal("12.345", 18, 2).unwrap_err().contains("more than 2 decimal places"));
         assert!(parse_decimal("1000", 5, 2).unwrap_err().contains("does not fit decimal(5,2)"));
         assert!(parse_decimal("1,5", 5, 2).is_err());
