@@ -102,8 +102,8 @@ pub fn run_details(r: &RunRecord, steps: &[StepRecord], rejects: Option<&[Reject
         &mut out,
         "rows",
         format!(
-            "pages {} extracted {} rejected {} inserted {} updated {} unchanged {} deleted {}",
-            c.pages, c.extracted, c.rejected, c.inserted, c.updated, c.unchanged, c.deleted
+            "pages {} extracted {} filtered {} rejected {} inserted {} updated {} unchanged {} deleted {}",
+            c.pages, c.extracted, c.filtered, c.rejected, c.inserted, c.updated, c.unchanged, c.deleted
         ),
     );
     line(&mut out, "salesforce jobs", r.salesforce_job_ids.join(", "));
@@ -118,7 +118,12 @@ pub fn run_details(r: &RunRecord, steps: &[StepRecord], rejects: Option<&[Reject
         line(&mut out, "error", e.clone());
     }
     if let Some(rejects) = rejects {
-        out.push_str(&format!("\nrejects ({} kept)\n", rejects.len()));
+        let kept = rejects.len();
+        let cap = crate::state::REJECTS_KEPT_PER_RUN;
+        out.push_str(&format!(
+            "\nrejects: {} rows rejected, {kept} kept (at most {cap} per run)\n",
+            r.counts.rejected
+        ));
         let mut table = Table::new();
         table.load_style(UTF8_FULL_CONDENSED).set_header(vec!["record", "column", "value", "reason"]);
         for rj in rejects {

@@ -12,13 +12,14 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use polars::prelude::DataType;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 pub use interpolate::{EnvString, InterpolationError, Secret, interpolate_with};
 pub use model::*;
 
-use crate::transform::ColumnType;
+use crate::transform::{ColumnType, SqlExpr};
 
 /// One problem in one file, at a position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,8 +374,51 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
     }
 
     let mapping = &job.mapping;
-    if let Some(filter) = &mapping.filter {
-        diags.push(at(mf, filter.span(), "`filter` is not supported yet by this build; remove it".into()));
+    // SQL is parsed and type-checked by Polars over the job's fields (all
+    // text when extracted), so mistakes surface here, not mid-run.
+    let check_sql = |what: &str, sql: &toml::Spanned<String>, diags: &mut Vec<Diagnostic>| -> Option<DataType> {
+        let parsed = match SqlExpr::parse(sql.get_ref()) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                diags.push(at(mf, sql.span(), format!("{what}: the SQL does not parse: {e}")));
+                return None;
+            }
+        };
+        let mut all_known = true;
+        for column in &parsed.columns {
+            if !fields.contains(&column.as_str()) {
+                all_known = false;
+                diags.push(at(
+                    mf,
+                    sql.span(),
+                    format!(
+                        "{what}: the SQL reads `{column}`, which is not among the fields of job `{}`{}",
+                        job.name,
+                        field_hint(column)
+                    ),
+                ));
+            }
+        }
+        if !all_known {
+            return None;
+        }
+        match parsed.output_type(&fields) {
+            Ok(ty) => Some(ty),
+            Err(e) => {
+                diags.push(at(mf, sql.span(), format!("{what}: the SQL cannot be evaluated over text fields: {e}")));
+                None
+            }
+        }
+    };
+    if let Some(filter) = &mapping.filter
+        && let Some(ty) = check_sql("`filter`", filter, diags)
+        && ty != DataType::Boolean
+    {
+        diags.push(at(
+            mf,
+            filter.span(),
+            format!("`filter` must be a condition (true or false), but it produces {ty}; e.g. `Industry <> 'Internal'`"),
+        ));
     }
     if mapping.columns.is_empty() {
         diags.push(Diagnostic {
@@ -388,14 +432,17 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
     for col in &mapping.columns {
         let name = col.name.get_ref();
         if !names.insert(name.as_str()) {
-            diags.push(at(mf, col.name.span(), format!("column `{name}` is defined twice")));
+            diags.push(at(mf, col.name.span(), format!("column `{name}` is defined twice; target column names must be unique, rename one")));
         }
         if let Some(sql) = &col.sql {
-            diags.push(at(
-                mf,
-                sql.span(),
-                format!("column `{name}`: `sql` is not supported yet by this build; use `from`"),
-            ));
+            if col.from.is_some() {
+                diags.push(at(
+                    mf,
+                    sql.span(),
+                    format!("column `{name}` has both `from` and `sql`; keep one (`sql` may read the field itself)"),
+                ));
+            }
+            check_sql(&format!("column `{name}`"), sql, diags);
         }
         match &col.from {
             Some(from) if !fields.contains(&from.get_ref().as_str()) => diags.push(at(
@@ -410,7 +457,7 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
             )),
             Some(_) => {}
             None if col.sql.is_none() => {
-                diags.push(at(mf, col.name.span(), format!("column `{name}` needs `from` (the Salesforce field)")))
+                diags.push(at(mf, col.name.span(), format!("column `{name}` needs `from` (a Salesforce field) or `sql` (an expression over fields)")))
             }
             None => {}
         }
@@ -429,7 +476,10 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
             None => diags.push(at(
                 jf,
                 key.span(),
-                format!("key column `{k}` is not a column of mapping `{}`", spec.transform.mapping.get_ref()),
+                format!(
+                    "key column `{k}` is not a column of mapping `{}`; add a [[column]] named `{k}` there or change `key`",
+                    spec.transform.mapping.get_ref()
+                ),
             )),
             Some(c) if !c.required => diags.push(at(
                 mf,

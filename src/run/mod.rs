@@ -8,6 +8,7 @@ mod recover;
 mod scheduler;
 mod window;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -20,9 +21,9 @@ pub use window::{Window, build_soql, plan_window, soql_datetime};
 
 use crate::config::{AuthFlow, ConfigError, Connection, Job, Project};
 use crate::load::{LoadError, open_target};
-use crate::salesforce::{JobGuard, Page, RunClient, SalesforceClient, SalesforceError};
+use crate::salesforce::{JobGuard, RunClient, SalesforceClient, SalesforceError};
 use crate::state::{LockHolder, RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
-use crate::transform::{Mapping, TransformError};
+use crate::transform::{MappedPage, Mapping, TransformError};
 
 /// Receives `(job, pages, rows)` after each staged page. `nightjar run`
 /// sets one to draw progress; `serve` leaves it unset (history is its record).
@@ -38,6 +39,13 @@ pub fn report_progress_to(sink: Box<ProgressSink>) -> bool {
 /// Pages downloaded ahead of the one being mapped and staged: page N+1
 /// downloads while page N is processed, and memory stays at a few pages.
 const PAGES_IN_FLIGHT: usize = 2;
+
+/// A page after mapping, on its way to the target.
+struct MappedPageOf {
+    number: u32,
+    mapped: MappedPage,
+    took: std::time::Duration,
+}
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -334,21 +342,44 @@ async fn load_pages(
     }
     state.record_step(run, "extract", started, clock.elapsed())?;
 
-    // The download runs ahead in its own task so the network and the
-    // mapping/staging overlap.
-    let (tx, mut rx) = mpsc::channel::<Result<Page, SalesforceError>>(PAGES_IN_FLIGHT);
-    let downloader = {
+    // Download, parse and mapping run ahead in their own task, so they
+    // overlap with staging into the target (which mostly waits on the
+    // database): page N+1 is fetched and mapped while page N is staged.
+    let (tx, mut rx) = mpsc::channel::<Result<MappedPageOf, RunError>>(PAGES_IN_FLIGHT);
+    let producer = {
         let client = client.clone();
         let sf_job = sf_job.clone();
         let page_size = source.page_size;
+        let mapping = Arc::new(mapping.clone());
         tokio::spawn(async move {
             let mut locator: Option<String> = None;
             let mut number = 1;
             loop {
-                let page = client.results_page(&sf_job, locator.as_deref(), page_size, number).await;
-                let next = page.as_ref().ok().and_then(|p| p.next_locator.clone());
-                let last = page.is_err() || next.is_none();
-                if tx.send(page).await.is_err() || last {
+                let page = match client.results_page(&sf_job, locator.as_deref(), page_size, number).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        break;
+                    }
+                };
+                let next = page.next_locator.clone();
+                let mapping = Arc::clone(&mapping);
+                // Mapping is CPU work: off the async workers.
+                let mapped = tokio::task::spawn_blocking(move || {
+                    let clock = Instant::now();
+                    let mapped = mapping.apply(&page.frame);
+                    drop(page.frame);
+                    mapped.map(|mapped| MappedPageOf { number: page.number, mapped, took: clock.elapsed() })
+                })
+                .await;
+                let mapped = match mapped {
+                    Ok(result) => result.map_err(RunError::from),
+                    Err(join) => Err(RunError::Transform(TransformError::Invalid(format!(
+                        "mapping page {number} stopped unexpectedly (a bug in nightjar; please report it): {join}"
+                    )))),
+                };
+                let failed = mapped.is_err();
+                if tx.send(mapped).await.is_err() || failed || next.is_none() {
                     break;
                 }
                 locator = next;
@@ -362,12 +393,11 @@ async fn load_pages(
     let load_started = Utc::now();
     let result = async {
         while let Some(page) = rx.recv().await {
-            let page = page?;
-            let clock = Instant::now();
-            let mapped = mapping.apply(&page.frame)?;
-            transform_time += clock.elapsed();
+            let MappedPageOf { number, mapped, took } = page?;
+            transform_time += took;
             progress.counts.pages += 1;
             progress.counts.extracted += mapped.rows_in as u64;
+            progress.counts.filtered += mapped.rows_filtered as u64;
             progress.counts.rejected += mapped.rejects.len() as u64;
             if !mapped.rejects.is_empty() {
                 state.add_rejects(run, &mapped.rejects)?;
@@ -376,7 +406,7 @@ async fn load_pages(
             target.stage(&mapped.frame).await?;
             crate::load::pause_point("stage");
             load_time += clock.elapsed();
-            tracing::debug!(job = %job.name, page = page.number, rows = mapped.rows_in, "page staged");
+            tracing::debug!(job = %job.name, page = number, rows = mapped.rows_in, "page staged");
             if let Some(sink) = PROGRESS.get() {
                 sink(&job.name, progress.counts.pages, progress.counts.extracted);
             }
@@ -384,7 +414,7 @@ async fn load_pages(
         Ok::<(), RunError>(())
     }
     .await;
-    downloader.abort();
+    producer.abort();
     result?;
     state.record_step(run, "transform", load_started, transform_time)?;
     state.record_step(run, "load", load_started, load_time)?;

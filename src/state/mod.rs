@@ -45,6 +45,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/002_alert_outbox.sql")),
         M::up(include_str!("migrations/003_oauth_tokens.sql")),
         M::up(include_str!("migrations/004_job_locks.sql")),
+        M::up(include_str!("migrations/005_rows_filtered.sql")),
     ])
 }
 
@@ -88,6 +89,8 @@ impl RunStatus {
 pub struct RunCounts {
     pub pages: u64,
     pub extracted: u64,
+    /// Dropped by the mapping's `filter`.
+    pub filtered: u64,
     pub rejected: u64,
     pub inserted: u64,
     pub updated: u64,
@@ -334,7 +337,7 @@ impl StateStore {
             "UPDATE runs SET status = ?2, finished_at = ?3, watermark_after = ?4,
                  pages = ?5, rows_extracted = ?6, rows_rejected = ?7, rows_inserted = ?8,
                  rows_updated = ?9, rows_unchanged = ?10, rows_deleted = ?11,
-                 sf_job_ids = ?12, error_class = ?13, error = ?14, api_calls = ?15
+                 sf_job_ids = ?12, error_class = ?13, error = ?14, api_calls = ?15, rows_filtered = ?16
              WHERE id = ?1",
             params![
                 run,
@@ -352,6 +355,7 @@ impl StateStore {
                 end.error_class,
                 end.error,
                 c.api_calls as i64,
+                c.filtered as i64,
             ],
         )?;
         also(&tx)?;
@@ -365,7 +369,8 @@ impl StateStore {
         let mut stmt = conn.prepare(
             "SELECT id, job, status, trigger, started_at, finished_at, window_start, window_end,
                     watermark_before, watermark_after, pages, rows_extracted, rows_rejected,
-                    rows_inserted, rows_updated, rows_unchanged, rows_deleted, sf_job_ids, error_class, error, attempt, retry_of, api_calls
+                    rows_inserted, rows_updated, rows_unchanged, rows_deleted, sf_job_ids, error_class, error, attempt, retry_of, api_calls,
+                    rows_filtered
              FROM runs
              WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id >= ?3)
                    AND (?5 IS NULL OR started_at >= ?5)
@@ -396,6 +401,7 @@ impl StateStore {
                     counts: RunCounts {
                         pages: r.get::<_, i64>(10)? as u64,
                         extracted: r.get::<_, i64>(11)? as u64,
+                        filtered: r.get::<_, i64>(23)? as u64,
                         rejected: r.get::<_, i64>(12)? as u64,
                         inserted: r.get::<_, i64>(13)? as u64,
                         updated: r.get::<_, i64>(14)? as u64,

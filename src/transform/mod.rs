@@ -6,10 +6,14 @@
 //! cannot tell us.
 
 mod cast;
+#[cfg(test)]
+mod proptests;
+mod sql;
 
 use std::collections::BTreeMap;
 
 use polars::prelude::*;
+use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::config::{JobFile, MappingFile};
@@ -17,6 +21,7 @@ pub use cast::{
     format_date, format_time, format_timestamp_ms, parse_boolean, parse_date, parse_float, parse_integer, parse_time,
     parse_timestamp_ms,
 };
+pub use sql::SqlExpr;
 
 /// Column carrying each row's cursor value (epoch milliseconds), used to
 /// resolve duplicate keys within one extract and dropped before the target.
@@ -129,10 +134,19 @@ pub struct TargetSchema {
     pub key: Vec<String>,
 }
 
+/// Where a target column's value comes from.
+#[derive(Debug, Clone)]
+enum ColumnSource {
+    /// An extracted field, as text.
+    Field(String),
+    /// A SQL expression over extracted fields, evaluated by Polars.
+    Sql(SqlExpr),
+}
+
 #[derive(Debug, Clone)]
 struct ColumnRule {
     name: String,
-    from: String,
+    source: ColumnSource,
     ty: ColumnType,
     required: bool,
     trim: bool,
@@ -157,12 +171,15 @@ pub struct MappedPage {
     pub frame: DataFrame,
     pub rejects: Vec<Reject>,
     pub rows_in: usize,
+    /// Rows the mapping's `filter` dropped (not rejects: they were not wanted).
+    pub rows_filtered: usize,
 }
 
 /// A compiled mapping for one job.
 #[derive(Debug, Clone)]
 pub struct Mapping {
     rules: Vec<ColumnRule>,
+    filter: Option<SqlExpr>,
     cursor: Option<String>,
     id_field: Option<String>,
     deleted_field: Option<String>,
@@ -176,21 +193,23 @@ impl Mapping {
         let mut rules = Vec::with_capacity(file.columns.len());
         for col in &file.columns {
             let name = col.name.get_ref().clone();
-            if col.sql.is_some() {
-                return Err(TransformError::Invalid(format!("column `{name}`: `sql` columns are not supported yet")));
-            }
-            let from = col
-                .from
-                .as_ref()
-                .map(|f| f.get_ref().clone())
-                .ok_or_else(|| TransformError::Invalid(format!("column `{name}` has no `from`")))?;
+            let source = match (&col.from, &col.sql) {
+                (Some(from), None) => ColumnSource::Field(from.get_ref().clone()),
+                (None, Some(sql)) => ColumnSource::Sql(
+                    SqlExpr::parse(sql.get_ref())
+                        .map_err(|e| TransformError::Invalid(format!("column `{name}`: `sql`: {e}")))?,
+                ),
+                _ => {
+                    return Err(TransformError::Invalid(format!("column `{name}` needs exactly one of `from` or `sql`")));
+                }
+            };
             let ty = match &col.type_name {
                 Some(t) => ColumnType::parse(t.get_ref()).map_err(TransformError::Invalid)?,
                 None => ColumnType::Text,
             };
             rules.push(ColumnRule {
                 name,
-                from,
+                source,
                 ty,
                 required: col.required,
                 trim: col.trim,
@@ -201,8 +220,15 @@ impl Mapping {
         let fields: Vec<&str> = job.source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
         let id_field = fields.iter().find(|f| f.eq_ignore_ascii_case("Id")).map(|f| f.to_string());
         let deleted_field = fields.iter().find(|f| f.eq_ignore_ascii_case("IsDeleted")).map(|f| f.to_string());
+        let filter = file
+            .filter
+            .as_ref()
+            .map(|f| SqlExpr::parse(f.get_ref()))
+            .transpose()
+            .map_err(|e| TransformError::Invalid(format!("`filter`: {e}")))?;
         Ok(Mapping {
             rules,
+            filter,
             cursor: job.source.cursor.as_ref().map(|c| c.get_ref().clone()),
             id_field,
             deleted_field,
@@ -225,8 +251,25 @@ impl Mapping {
         self.cursor.is_some()
     }
 
-    /// Maps one page of text columns (as extracted) into the target schema.
+    /// Maps one page of text columns (as extracted) into the target schema:
+    /// the `filter` first, then every column, then the control columns.
     pub fn apply(&self, page: &DataFrame) -> Result<MappedPage, TransformError> {
+        let empty;
+        let page = if page.width() == 0 && page.height() == 0 {
+            // An empty result may arrive as a 0-byte body, without even a
+            // header row; map it as a page with no rows.
+            empty = self.empty_page()?;
+            &empty
+        } else {
+            page
+        };
+        let rows_in = page.height();
+        let mut rejects: Vec<Reject> = Vec::new();
+        let (page, rows_filtered) = match &self.filter {
+            Some(filter) => self.apply_filter(page, filter, &mut rejects)?,
+            None => (page.clone(), 0),
+        };
+        let page = &page;
         let height = page.height();
         let text_column = |name: &str| -> Result<&StringChunked, TransformError> {
             let col = page.column(name).map_err(|_| TransformError::MissingColumn(name.to_string()))?;
@@ -235,44 +278,25 @@ impl Mapping {
         let ids = self.id_field.as_deref().map(text_column).transpose()?;
         let record_id = |row: usize| ids.and_then(|ids| ids.get(row)).filter(|id| !id.is_empty()).map(str::to_string);
 
+        // Each column is mapped on its own, in parallel; a row is rejected
+        // for the first column, in mapping order, that refuses it.
+        let mapped: Vec<Result<MappedColumn, TransformError>> =
+            self.rules.par_iter().map(|rule| rule.map(page, height)).collect();
+        let mut columns: Vec<Column> = Vec::with_capacity(self.rules.len() + 2);
         let mut keep = vec![true; height];
-        let mut rejects: Vec<(usize, Reject)> = Vec::new();
-        let mut reject = |row: usize, keep: &mut Vec<bool>, column: &str, value: Option<&str>, reason: String| {
+        let mut row_rejects: Vec<(usize, Reject)> = Vec::new();
+        let mut reject = |row: usize, keep: &mut Vec<bool>, column: &str, value: Option<String>, reason: String| {
             if keep[row] {
                 keep[row] = false;
-                rejects.push((
-                    row,
-                    Reject {
-                        record_id: record_id(row),
-                        column: column.to_string(),
-                        value: value.map(str::to_string),
-                        reason,
-                    },
-                ));
+                row_rejects.push((row, Reject { record_id: record_id(row), column: column.to_string(), value, reason }));
             }
         };
-
-        let mut columns: Vec<Column> = Vec::with_capacity(self.rules.len() + 1);
-        for rule in &self.rules {
-            let source = text_column(&rule.from)?;
-            let mut builder = TypedBuilder::new(rule.ty, height);
-            for (row, raw) in source.iter().enumerate() {
-                let value = rule.prepare(raw);
-                match value.as_deref() {
-                    None if rule.required => {
-                        reject(row, &mut keep, &rule.name, None, format!("required column `{}` is null", rule.name));
-                        builder.push_null();
-                    }
-                    None => builder.push_null(),
-                    Some(text) => {
-                        if let Err(reason) = builder.push(text) {
-                            reject(row, &mut keep, &rule.name, Some(text), reason);
-                            builder.push_null();
-                        }
-                    }
-                }
+        for (rule, mapped) in self.rules.iter().zip(mapped) {
+            let mapped = mapped?;
+            for (row, value, reason) in mapped.refused {
+                reject(row, &mut keep, &rule.name, value, reason);
             }
-            columns.push(builder.finish(&rule.name));
+            columns.push(mapped.column);
         }
 
         // Control columns the pipeline itself relies on: a value that does not
@@ -288,30 +312,87 @@ impl Mapping {
         ];
         for (field, label, ty, output, expected) in controls.into_iter().flatten() {
             let source = text_column(field)?;
-            let mut builder = TypedBuilder::new(ty, height);
+            let mut builder = TypedBuilder::new(ty, output, height);
             for (row, raw) in source.iter().enumerate() {
                 match raw {
                     Some(text) if builder.push(text).is_ok() => {}
                     other => {
                         let reason = format!("{label} must be {expected}, got {}", describe(other));
-                        reject(row, &mut keep, field, other, reason);
+                        reject(row, &mut keep, field, other.map(str::to_string), reason);
                         builder.push_null();
                     }
                 }
             }
-            columns.push(builder.finish(output));
+            columns.push(builder.finish());
         }
 
         // Columns are checked one after another; report rejects in row order.
-        rejects.sort_by_key(|(row, _)| *row);
-        let rejects: Vec<Reject> = rejects.into_iter().map(|(_, r)| r).collect();
+        row_rejects.sort_by_key(|(row, _)| *row);
+        let any_rejected = !row_rejects.is_empty();
+        rejects.extend(row_rejects.into_iter().map(|(_, r)| r));
         let frame = DataFrame::new(height, columns)?;
-        let frame = if rejects.is_empty() {
-            frame
-        } else {
+        let frame = if any_rejected {
             frame.filter(&BooleanChunked::from_slice(PlSmallStr::from_static("keep"), &keep))?
+        } else {
+            frame
         };
-        Ok(MappedPage { frame, rejects, rows_in: height })
+        Ok(MappedPage { frame, rejects, rows_in, rows_filtered })
+    }
+
+    /// A page with no rows and every source field the mapping reads.
+    fn empty_page(&self) -> Result<DataFrame, TransformError> {
+        let mut fields: Vec<&str> = Vec::new();
+        for rule in &self.rules {
+            match &rule.source {
+                ColumnSource::Field(from) => fields.push(from),
+                ColumnSource::Sql(sql) => fields.extend(sql.columns.iter().map(String::as_str)),
+            }
+        }
+        fields.extend(self.filter.iter().flat_map(|f| f.columns.iter().map(String::as_str)));
+        fields.extend([&self.cursor, &self.id_field, &self.deleted_field].into_iter().flatten().map(String::as_str));
+        let mut columns: Vec<Column> = Vec::new();
+        for field in fields {
+            if !columns.iter().any(|c| c.name().as_str() == field) {
+                columns.push(Column::new_empty(PlSmallStr::from_str(field), &DataType::String));
+            }
+        }
+        Ok(DataFrame::new(0, columns)?)
+    }
+
+    /// Keeps the rows for which `filter` is true. False and null (SQL's
+    /// unknown) drop the row; a row the filter cannot be evaluated on is a
+    /// reject, since nobody decided it was unwanted.
+    fn apply_filter(
+        &self,
+        page: &DataFrame,
+        filter: &SqlExpr,
+        rejects: &mut Vec<Reject>,
+    ) -> Result<(DataFrame, usize), TransformError> {
+        let (outputs, failures) = sql::evaluate(page, &[("filter".into(), filter.expr.clone())])?;
+        let verdict = outputs[0].bool().map_err(|_| {
+            TransformError::Invalid(format!("`filter` must be true or false, but it produces {}", outputs[0].dtype()))
+        })?;
+        let mut keep: Vec<bool> = verdict.iter().map(|v| v == Some(true)).collect();
+        let ids = match self.id_field.as_deref() {
+            Some(id) => Some(page.column(id).map_err(|_| TransformError::MissingColumn(id.to_string()))?.str()?),
+            None => None,
+        };
+        for (row, error) in &failures {
+            keep[*row] = false;
+            rejects.push(Reject {
+                record_id: ids.and_then(|ids| ids.get(*row)).map(str::to_string),
+                column: "filter".into(),
+                value: None,
+                reason: format!("the mapping's `filter` failed on this row: {error}"),
+            });
+        }
+        let kept = keep.iter().filter(|k| **k).count();
+        let filtered = page.height() - kept - failures.len();
+        if kept == page.height() {
+            return Ok((page.clone(), 0));
+        }
+        let mask = BooleanChunked::from_slice(PlSmallStr::from_static("keep"), &keep);
+        Ok((page.filter(&mask)?, filtered))
     }
 }
 
@@ -322,28 +403,93 @@ fn describe(value: Option<&str>) -> String {
     }
 }
 
+/// One mapped column, and the rows it refused: (row, value, reason).
+struct MappedColumn {
+    column: Column,
+    refused: Vec<(usize, Option<String>, String)>,
+}
+
 impl ColumnRule {
+    fn map(&self, page: &DataFrame, height: usize) -> Result<MappedColumn, TransformError> {
+        let mut refused = Vec::new();
+        let computed;
+        let source = match &self.source {
+            ColumnSource::Field(from) => {
+                page.column(from).map_err(|_| TransformError::MissingColumn(from.to_string()))?.str()?
+            }
+            ColumnSource::Sql(sql) => {
+                let (outputs, failures) = sql::evaluate(page, &[(self.name.clone(), sql.expr.clone())])?;
+                for (row, error) in failures {
+                    refused.push((row, None, format!("`sql` of column `{}` failed on this row: {error}", self.name)));
+                }
+                computed = sql::as_text(&outputs[0])
+                    .map_err(|e| TransformError::Invalid(format!("column `{}`: `sql`: {e}", self.name)))?;
+                &computed
+            }
+        };
+        // Text as extracted needs no copy: the page already holds null for
+        // Salesforce's empty fields.
+        if self.ty == ColumnType::Text
+            && !self.trim
+            && self.values.is_none()
+            && self.default.is_none()
+            && !source.iter().any(|v| v == Some(""))
+        {
+            if self.required && source.null_count() > 0 {
+                for (row, value) in source.iter().enumerate() {
+                    if value.is_none() {
+                        refused.push((row, None, format!("required column `{}` is null", self.name)));
+                    }
+                }
+            }
+            let column = source.clone().with_name(PlSmallStr::from_str(&self.name)).into_series().into_column();
+            refused.sort_by_key(|(row, _, _)| *row);
+            return Ok(MappedColumn { column, refused });
+        }
+        let mut builder = TypedBuilder::new(self.ty, &self.name, height);
+        for (row, raw) in source.iter().enumerate() {
+            match self.prepare(raw) {
+                None if self.required => {
+                    refused.push((row, None, format!("required column `{}` is null", self.name)));
+                    builder.push_null();
+                }
+                None => builder.push_null(),
+                Some(text) => {
+                    if let Err(reason) = builder.push(text) {
+                        refused.push((row, Some(text.to_string()), reason));
+                        builder.push_null();
+                    }
+                }
+            }
+        }
+        refused.sort_by_key(|(row, _, _)| *row);
+        Ok(MappedColumn { column: builder.finish(), refused })
+    }
+
     /// trim, then the value map, then the default for nulls. Salesforce sends
     /// null as an empty field, so empty text is null.
-    fn prepare(&self, raw: Option<&str>) -> Option<String> {
+    fn prepare<'a>(&'a self, raw: Option<&'a str>) -> Option<&'a str> {
         let mut value = raw.map(|v| if self.trim { v.trim() } else { v });
         if value == Some("") {
             value = None;
         }
-        let mut value = value.map(|v| match self.values.as_ref().and_then(|m| m.get(v)) {
-            Some(mapped) => mapped.clone(),
-            None => v.to_string(),
-        });
-        if value.is_none() {
-            value = self.default.clone();
+        if let (Some(v), Some(map)) = (value, self.values.as_ref())
+            && let Some(mapped) = map.get(v)
+        {
+            value = Some(mapped.as_str());
         }
-        value
+        value.or(self.default.as_deref())
     }
 }
 
 /// Accumulates one typed column, value by value.
-enum TypedBuilder {
-    Text(Vec<Option<String>>),
+struct TypedBuilder {
+    name: PlSmallStr,
+    values: TypedValues,
+}
+
+enum TypedValues {
+    Text(StringChunkedBuilder),
     Integer(Vec<Option<i64>>),
     Float(Vec<Option<f64>>),
     Boolean(Vec<Option<bool>>),
@@ -351,62 +497,66 @@ enum TypedBuilder {
     Date(Vec<Option<i32>>),
     Time(Vec<Option<i64>>),
     /// Decimal and JSON: validated, carried as text.
-    Checked(Vec<Option<String>>, ColumnType),
+    Checked(StringChunkedBuilder, ColumnType),
 }
 
 impl TypedBuilder {
-    fn new(ty: ColumnType, capacity: usize) -> Self {
-        match ty {
-            ColumnType::Text => Self::Text(Vec::with_capacity(capacity)),
-            ColumnType::Integer => Self::Integer(Vec::with_capacity(capacity)),
-            ColumnType::Float => Self::Float(Vec::with_capacity(capacity)),
-            ColumnType::Boolean => Self::Boolean(Vec::with_capacity(capacity)),
-            ColumnType::Timestamp => Self::Timestamp(Vec::with_capacity(capacity)),
-            ColumnType::Date => Self::Date(Vec::with_capacity(capacity)),
-            ColumnType::Time => Self::Time(Vec::with_capacity(capacity)),
-            ty @ (ColumnType::Decimal { .. } | ColumnType::Json) => Self::Checked(Vec::with_capacity(capacity), ty),
-        }
+    fn new(ty: ColumnType, name: &str, capacity: usize) -> Self {
+        let name = PlSmallStr::from_str(name);
+        let text = || StringChunkedBuilder::new(name.clone(), capacity);
+        let values = match ty {
+            ColumnType::Text => TypedValues::Text(text()),
+            ColumnType::Integer => TypedValues::Integer(Vec::with_capacity(capacity)),
+            ColumnType::Float => TypedValues::Float(Vec::with_capacity(capacity)),
+            ColumnType::Boolean => TypedValues::Boolean(Vec::with_capacity(capacity)),
+            ColumnType::Timestamp => TypedValues::Timestamp(Vec::with_capacity(capacity)),
+            ColumnType::Date => TypedValues::Date(Vec::with_capacity(capacity)),
+            ColumnType::Time => TypedValues::Time(Vec::with_capacity(capacity)),
+            ty @ (ColumnType::Decimal { .. } | ColumnType::Json) => TypedValues::Checked(text(), ty),
+        };
+        TypedBuilder { name, values }
     }
 
     fn push(&mut self, text: &str) -> Result<(), String> {
-        match self {
-            Self::Text(v) => v.push(Some(text.to_string())),
-            Self::Integer(v) => v.push(Some(cast::parse_integer(text)?)),
-            Self::Float(v) => v.push(Some(cast::parse_float(text)?)),
-            Self::Boolean(v) => v.push(Some(cast::parse_boolean(text)?)),
-            Self::Timestamp(v) => v.push(Some(cast::parse_timestamp_ms(text)?)),
-            Self::Date(v) => v.push(Some(cast::parse_date(text)?)),
-            Self::Time(v) => v.push(Some(cast::parse_time(text)?)),
-            Self::Checked(v, ColumnType::Decimal { precision, scale }) => {
-                v.push(Some(cast::parse_decimal(text, *precision, *scale)?))
+        match &mut self.values {
+            TypedValues::Text(b) => b.append_value(text),
+            TypedValues::Integer(v) => v.push(Some(cast::parse_integer(text)?)),
+            TypedValues::Float(v) => v.push(Some(cast::parse_float(text)?)),
+            TypedValues::Boolean(v) => v.push(Some(cast::parse_boolean(text)?)),
+            TypedValues::Timestamp(v) => v.push(Some(cast::parse_timestamp_ms(text)?)),
+            TypedValues::Date(v) => v.push(Some(cast::parse_date(text)?)),
+            TypedValues::Time(v) => v.push(Some(cast::parse_time(text)?)),
+            TypedValues::Checked(b, ColumnType::Decimal { precision, scale }) => {
+                b.append_value(cast::parse_decimal(text, *precision, *scale)?)
             }
-            Self::Checked(v, _) => v.push(Some(cast::parse_json(text)?)),
+            TypedValues::Checked(b, _) => {
+                cast::parse_json(text)?;
+                b.append_value(text)
+            }
         }
         Ok(())
     }
 
     fn push_null(&mut self) {
-        match self {
-            Self::Text(v) => v.push(None),
-            Self::Integer(v) | Self::Timestamp(v) | Self::Time(v) => v.push(None),
-            Self::Date(v) => v.push(None),
-            Self::Checked(v, _) => v.push(None),
-            Self::Float(v) => v.push(None),
-            Self::Boolean(v) => v.push(None),
+        match &mut self.values {
+            TypedValues::Text(b) | TypedValues::Checked(b, _) => b.append_null(),
+            TypedValues::Integer(v) | TypedValues::Timestamp(v) | TypedValues::Time(v) => v.push(None),
+            TypedValues::Date(v) => v.push(None),
+            TypedValues::Float(v) => v.push(None),
+            TypedValues::Boolean(v) => v.push(None),
         }
     }
 
-    fn finish(self, name: &str) -> Column {
-        let name = PlSmallStr::from_str(name);
-        let series = match self {
-            Self::Text(v) => Series::new(name, v),
-            Self::Integer(v) => Series::new(name, v),
-            Self::Float(v) => Series::new(name, v),
-            Self::Boolean(v) => Series::new(name, v),
-            Self::Timestamp(v) => Series::new(name, v).into_datetime(TimeUnit::Milliseconds, None),
-            Self::Date(v) => Series::new(name, v).into_date(),
-            Self::Time(v) => Series::new(name, v).into_time(),
-            Self::Checked(v, _) => Series::new(name, v),
+    fn finish(self) -> Column {
+        let name = self.name;
+        let series = match self.values {
+            TypedValues::Text(b) | TypedValues::Checked(b, _) => b.finish().into_series(),
+            TypedValues::Integer(v) => Series::new(name, v),
+            TypedValues::Float(v) => Series::new(name, v),
+            TypedValues::Boolean(v) => Series::new(name, v),
+            TypedValues::Timestamp(v) => Series::new(name, v).into_datetime(TimeUnit::Milliseconds, None),
+            TypedValues::Date(v) => Series::new(name, v).into_date(),
+            TypedValues::Time(v) => Series::new(name, v).into_time(),
         };
         series.into_column()
     }
@@ -567,6 +717,144 @@ type = "json"
         assert_eq!(schema.columns[3].ty.name(), "decimal(8,2)");
         assert!(ColumnType::parse("decimal(2,3)").is_err());
         assert!(ColumnType::parse("decimal(40,2)").is_err());
+    }
+
+    /// One mapping using every feature, against a frame computed by hand.
+    #[test]
+    fn every_feature_against_a_hand_computed_frame() {
+        let job = JOB.replace(
+            r#"fields = ["Id", "Name", "Employees", "Revenue", "Active", "SystemModstamp"]"#,
+            r#"fields = ["Id", "Name", "Industry", "Employees", "Revenue", "Amount", "Active", "Day", "At", "Doc", "Email", "SystemModstamp"]"#,
+        );
+        let mapping = r#"
+filter = "Industry IS NULL OR Industry <> 'Internal'"
+[[column]]
+name = "sf_id"
+from = "Id"
+type = "text"
+required = true
+[[column]]
+name = "name"
+from = "Name"
+trim = true
+values = { "ACME" = "Acme Corp" }
+[[column]]
+name = "industry"
+from = "Industry"
+default = "Unknown"
+[[column]]
+name = "employees"
+from = "Employees"
+type = "integer"
+[[column]]
+name = "revenue"
+from = "Revenue"
+type = "float"
+[[column]]
+name = "amount"
+from = "Amount"
+type = "decimal(10,2)"
+[[column]]
+name = "active"
+from = "Active"
+type = "boolean"
+[[column]]
+name = "day"
+from = "Day"
+type = "date"
+[[column]]
+name = "at"
+from = "At"
+type = "time"
+[[column]]
+name = "doc"
+from = "Doc"
+type = "json"
+[[column]]
+name = "email"
+sql = "lower(Email)"
+[[column]]
+name = "band"
+sql = "CASE WHEN CAST(Employees AS INTEGER) >= 100 THEN 'large' ELSE 'small' END"
+[[column]]
+name = "modified_at"
+from = "SystemModstamp"
+type = "timestamp"
+required = true
+"#;
+        let (job, mapping) = parse(&job, mapping);
+        let m = Mapping::new(&job, &mapping).unwrap();
+        let z = Some("2024-01-31T12:00:00.000Z");
+        let df = page(&[
+            ("Id", &[Some("001A"), Some("001B"), Some("001C"), Some("001D"), Some("001E"), None]),
+            ("Name", &[Some("  ACME "), Some("Beta"), Some("Gamma"), Some("Delta"), Some("   "), Some("Zeta")]),
+            ("Industry", &[Some("Tech"), Some("Internal"), None, Some("Fin"), None, None]),
+            ("Employees", &[Some("250"), Some("1"), Some("12.5"), None, Some("7"), Some("1")]),
+            ("Revenue", &[Some("1.5E3"), None, None, None, Some("-2"), None]),
+            ("Amount", &[Some("10.5"), None, None, Some("1.234"), Some("-3"), None]),
+            ("Active", &[Some("true"), None, None, None, Some("FALSE"), None]),
+            ("Day", &[Some("2024-01-31"), None, None, None, None, None]),
+            ("At", &[Some("12:30:00.000Z"), None, None, None, Some("08:00:00Z"), None]),
+            ("Doc", &[Some(r#"{"a":1}"#), None, None, None, None, None]),
+            ("Email", &[Some("A@X.COM"), None, None, None, None, None]),
+            ("SystemModstamp", &[z, z, z, z, Some("2024-01-31T13:00:00.000+0000"), z]),
+        ]);
+        let out = m.apply(&df).unwrap();
+
+        assert_eq!((out.rows_in, out.rows_filtered), (6, 1), "001B is Internal");
+        let rejects: Vec<(Option<&str>, &str, Option<&str>)> =
+            out.rejects.iter().map(|r| (r.record_id.as_deref(), r.column.as_str(), r.value.as_deref())).collect();
+        assert_eq!(
+            rejects,
+            vec![
+                (Some("001C"), "employees", Some("12.5")),
+                (Some("001D"), "amount", Some("1.234")),
+                (None, "sf_id", None),
+            ]
+        );
+        let col = |name: &str, s: Series| s.with_name(PlSmallStr::from_str(name)).into_column();
+        let expected = DataFrame::new(
+            2,
+            vec![
+                col("sf_id", Series::new("".into(), &["001A", "001E"])),
+                col("name", Series::new("".into(), &[Some("Acme Corp"), None])),
+                col("industry", Series::new("".into(), &["Tech", "Unknown"])),
+                col("employees", Series::new("".into(), &[250i64, 7])),
+                col("revenue", Series::new("".into(), &[1500.0f64, -2.0])),
+                col("amount", Series::new("".into(), &["10.50", "-3.00"])),
+                col("active", Series::new("".into(), &[true, false])),
+                col("day", Series::new("".into(), &[Some(19_753i32), None]).into_date()),
+                col(
+                    "at",
+                    Series::new("".into(), &[45_000_000_000_000i64, 28_800_000_000_000]).into_time(),
+                ),
+                col("doc", Series::new("".into(), &[Some(r#"{"a":1}"#), None])),
+                col("email", Series::new("".into(), &[Some("a@x.com"), None])),
+                col("band", Series::new("".into(), &["large", "small"])),
+                col(
+                    "modified_at",
+                    Series::new("".into(), &[1_706_702_400_000i64, 1_706_706_000_000])
+                        .into_datetime(TimeUnit::Milliseconds, None),
+                ),
+                col(
+                    CURSOR_COLUMN,
+                    Series::new("".into(), &[1_706_702_400_000i64, 1_706_706_000_000])
+                        .into_datetime(TimeUnit::Milliseconds, None),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out.frame.schema(), expected.schema());
+        assert!(out.frame == expected, "got\n{}\nexpected\n{}", out.frame, expected);
+    }
+
+    #[test]
+    fn a_filter_that_is_not_a_condition_is_an_error() {
+        let (job, mapping) = parse(JOB, &format!("filter = \"upper(Name)\"\n{MAPPING}"));
+        let m = Mapping::new(&job, &mapping).unwrap();
+        let df = page(&[("Id", &[Some("001A")]), ("Name", &[Some("x")])]);
+        let err = m.apply(&df).unwrap_err().to_string();
+        assert!(err.contains("`filter` must be true or false"), "{err}");
     }
 
     #[test]
