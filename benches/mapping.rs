@@ -46,7 +46,8 @@ fn main() {
     let mut writer = csv::WriterBuilder::new().quote_style(csv::QuoteStyle::Always).from_writer(Vec::new());
     writer.write_record(&fields).expect("header");
     for record in sandbox.records("Account").expect("Accounts") {
-        let value = |name: &str| record.iter().find(|(f, _)| f == name).and_then(|(_, v)| v.clone()).unwrap_or_default();
+        let value =
+            |name: &str| record.iter().find(|(f, _)| f == name).and_then(|(_, v)| v.clone()).unwrap_or_default();
         writer.write_record(fields.iter().map(|f| value(f))).expect("row");
     }
     let csv = writer.into_inner().expect("csv");

@@ -120,10 +120,7 @@ pub fn run_details(r: &RunRecord, steps: &[StepRecord], rejects: Option<&[Reject
     if let Some(rejects) = rejects {
         let kept = rejects.len();
         let cap = crate::state::REJECTS_KEPT_PER_RUN;
-        out.push_str(&format!(
-            "\nrejects: {} rows rejected, {kept} kept (at most {cap} per run)\n",
-            r.counts.rejected
-        ));
+        out.push_str(&format!("\nrejects: {} rows rejected, {kept} kept (at most {cap} per run)\n", r.counts.rejected));
         let mut table = Table::new();
         table.load_style(UTF8_FULL_CONDENSED).set_header(vec!["record", "column", "value", "reason"]);
         for rj in rejects {

@@ -417,7 +417,9 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
         diags.push(at(
             mf,
             filter.span(),
-            format!("`filter` must be a condition (true or false), but it produces {ty}; e.g. `Industry <> 'Internal'`"),
+            format!(
+                "`filter` must be a condition (true or false), but it produces {ty}; e.g. `Industry <> 'Internal'`"
+            ),
         ));
     }
     if mapping.columns.is_empty() {
@@ -432,7 +434,11 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
     for col in &mapping.columns {
         let name = col.name.get_ref();
         if !names.insert(name.as_str()) {
-            diags.push(at(mf, col.name.span(), format!("column `{name}` is defined twice; target column names must be unique, rename one")));
+            diags.push(at(
+                mf,
+                col.name.span(),
+                format!("column `{name}` is defined twice; target column names must be unique, rename one"),
+            ));
         }
         if let Some(sql) = &col.sql {
             if col.from.is_some() {
@@ -456,9 +462,11 @@ fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
                 ),
             )),
             Some(_) => {}
-            None if col.sql.is_none() => {
-                diags.push(at(mf, col.name.span(), format!("column `{name}` needs `from` (a Salesforce field) or `sql` (an expression over fields)")))
-            }
+            None if col.sql.is_none() => diags.push(at(
+                mf,
+                col.name.span(),
+                format!("column `{name}` needs `from` (a Salesforce field) or `sql` (an expression over fields)"),
+            )),
             None => {}
         }
         if let Some(ty) = &col.type_name

@@ -200,7 +200,9 @@ impl Mapping {
                         .map_err(|e| TransformError::Invalid(format!("column `{name}`: `sql`: {e}")))?,
                 ),
                 _ => {
-                    return Err(TransformError::Invalid(format!("column `{name}` needs exactly one of `from` or `sql`")));
+                    return Err(TransformError::Invalid(format!(
+                        "column `{name}` needs exactly one of `from` or `sql`"
+                    )));
                 }
             };
             let ty = match &col.type_name {
@@ -288,7 +290,8 @@ impl Mapping {
         let mut reject = |row: usize, keep: &mut Vec<bool>, column: &str, value: Option<String>, reason: String| {
             if keep[row] {
                 keep[row] = false;
-                row_rejects.push((row, Reject { record_id: record_id(row), column: column.to_string(), value, reason }));
+                row_rejects
+                    .push((row, Reject { record_id: record_id(row), column: column.to_string(), value, reason }));
             }
         };
         for (rule, mapped) in self.rules.iter().zip(mapped) {
@@ -824,10 +827,7 @@ required = true
                 col("amount", Series::new("".into(), &["10.50", "-3.00"])),
                 col("active", Series::new("".into(), &[true, false])),
                 col("day", Series::new("".into(), &[Some(19_753i32), None]).into_date()),
-                col(
-                    "at",
-                    Series::new("".into(), &[45_000_000_000_000i64, 28_800_000_000_000]).into_time(),
-                ),
+                col("at", Series::new("".into(), &[45_000_000_000_000i64, 28_800_000_000_000]).into_time()),
                 col("doc", Series::new("".into(), &[Some(r#"{"a":1}"#), None])),
                 col("email", Series::new("".into(), &[Some("a@x.com"), None])),
                 col("band", Series::new("".into(), &["large", "small"])),

@@ -51,12 +51,15 @@ fn clean_polars_message(message: &str) -> String {
     first.strip_prefix("SQLInterface: ").or_else(|| first.strip_prefix("SQLSyntax: ")).unwrap_or(first).to_string()
 }
 
+/// Rows an expression could not be evaluated on: (row, Polars' reason).
+pub type RowFailures = Vec<(usize, String)>;
+
 /// Evaluates `exprs` over `page`, one output column per expression, each as
 /// long as the page. Rows on which Polars cannot evaluate an expression (a
 /// strict `CAST` of a bad value, say) are found by bisection and returned
 /// with Polars' reason; their outputs are null. A page that evaluates
 /// cleanly costs one pass.
-pub fn evaluate(page: &DataFrame, exprs: &[(String, Expr)]) -> Result<(Vec<Column>, Vec<(usize, String)>), PolarsError> {
+pub fn evaluate(page: &DataFrame, exprs: &[(String, Expr)]) -> Result<(Vec<Column>, RowFailures), PolarsError> {
     let mut failures = Vec::new();
     let frames = evaluate_range(page, exprs, 0, page.height(), &mut failures)?;
     let mut out: Option<DataFrame> = None;
@@ -81,7 +84,7 @@ fn evaluate_range(
     exprs: &[(String, Expr)],
     offset: usize,
     len: usize,
-    failures: &mut Vec<(usize, String)>,
+    failures: &mut RowFailures,
 ) -> Result<Vec<DataFrame>, PolarsError> {
     match evaluate_slice(page, exprs, offset, len) {
         Ok(frame) => Ok(vec![frame]),
@@ -188,8 +191,7 @@ mod tests {
         let rows: Vec<usize> = failures.iter().map(|(r, _)| *r).collect();
         assert_eq!(rows, vec![1, 4]);
         assert!(!failures[0].1.is_empty());
-        let values: Vec<Option<i64>> =
-            cols[0].cast(&DataType::Int64).unwrap().i64().unwrap().iter().collect();
+        let values: Vec<Option<i64>> = cols[0].cast(&DataType::Int64).unwrap().i64().unwrap().iter().collect();
         assert_eq!(values, vec![Some(2), None, Some(6), None, None]);
     }
 

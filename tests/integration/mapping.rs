@@ -69,7 +69,8 @@ async fn plant(fx: &Fixture, field: &str, values: &[(&str, &str)]) {
     let close = http.patch(format!("{base}/{id}")).bearer_auth(access).json(&json!({"state": "UploadComplete"}));
     assert!(close.send().await.unwrap().status().is_success());
     for _ in 0..50 {
-        let info: Json = http.get(format!("{base}/{id}")).bearer_auth(access).send().await.unwrap().json().await.unwrap();
+        let info: Json =
+            http.get(format!("{base}/{id}")).bearer_auth(access).send().await.unwrap().json().await.unwrap();
         match info["state"].as_str() {
             Some("JobComplete") => {
                 assert_eq!(info["numberRecordsFailed"], json!(0), "{info}");
@@ -99,11 +100,7 @@ async fn planted_bad_values_are_rejected_kept_shown_and_can_fail_the_run() {
     let mut fx = Fixture::build(FixtureOptions { accounts: 120, page_size: 50, ..FixtureOptions::default() }).await;
     let mapping = fx.dir.path().join("mappings/accounts.toml");
     // A mapping that assumed numeric (US) postal codes; three records say otherwise.
-    edit(
-        &mapping,
-        "from = \"BillingPostalCode\"\ntype = \"text\"",
-        "from = \"BillingPostalCode\"\ntype = \"integer\"",
-    );
+    edit(&mapping, "from = \"BillingPostalCode\"\ntype = \"text\"", "from = \"BillingPostalCode\"\ntype = \"integer\"");
     let job = fx.dir.path().join("jobs/accounts.toml");
     edit(&job, "mapping = \"accounts\"", "mapping = \"accounts\"\nmax_reject_ratio = 0.05");
     fx.reload();
@@ -144,7 +141,10 @@ async fn planted_bad_values_are_rejected_kept_shown_and_can_fail_the_run() {
     assert!(text.contains("3 rows rejected, 3 kept"), "{text}");
     for (id, value) in &planted {
         let line = text.lines().find(|l| l.contains(id)).unwrap_or_else(|| panic!("{id} not in\n{text}"));
-        assert!(line.contains(value) && line.contains("billingpostalcode") && line.contains("not an integer"), "{line}");
+        assert!(
+            line.contains(value) && line.contains("billingpostalcode") && line.contains("not an integer"),
+            "{line}"
+        );
     }
 
     // The same data with no tolerance: the run fails, loads nothing new,
@@ -198,8 +198,7 @@ async fn sql_columns_and_filter_end_to_end() {
         let id = field(r, "Id").unwrap();
         let id = id.as_str();
         if field(r, "Industry").as_deref() == Some("Banking") {
-            let n: i64 =
-                conn.query_row("SELECT count(*) FROM account WHERE id = ?1", [id], |row| row.get(0)).unwrap();
+            let n: i64 = conn.query_row("SELECT count(*) FROM account WHERE id = ?1", [id], |row| row.get(0)).unwrap();
             assert_eq!(n, 0, "{id} is Banking and must be filtered out");
             continue;
         }

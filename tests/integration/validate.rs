@@ -21,9 +21,24 @@ const CASES: &[(&str, &str, &str, &str)] = &[
         "sql = \"\\\"BillingCity\\\" || ', ' || \\\"BillingCountry\\\"\"",
         "sql = \"upper(\\\"BillingCity\\\"\"",
     ),
-    ("filter-reads-unknown-field", "mappings/accounts.toml", "filter = \"Name NOT LIKE 'Test %'\"", "filter = \"Segment <> 'Test'\""),
-    ("filter-does-not-parse", "mappings/accounts.toml", "filter = \"Name NOT LIKE 'Test %'\"", "filter = \"Name NOT LIKE\""),
-    ("filter-not-a-condition", "mappings/accounts.toml", "filter = \"Name NOT LIKE 'Test %'\"", "filter = \"upper(Name)\""),
+    (
+        "filter-reads-unknown-field",
+        "mappings/accounts.toml",
+        "filter = \"Name NOT LIKE 'Test %'\"",
+        "filter = \"Segment <> 'Test'\"",
+    ),
+    (
+        "filter-does-not-parse",
+        "mappings/accounts.toml",
+        "filter = \"Name NOT LIKE 'Test %'\"",
+        "filter = \"Name NOT LIKE\"",
+    ),
+    (
+        "filter-not-a-condition",
+        "mappings/accounts.toml",
+        "filter = \"Name NOT LIKE 'Test %'\"",
+        "filter = \"upper(Name)\"",
+    ),
     ("unknown-type", "mappings/accounts.toml", "type = \"decimal(5,2)\"", "type = \"varchar(5)\""),
     ("duplicate-column", "mappings/accounts.toml", "name = \"rating\"", "name = \"phone\""),
     (
