@@ -300,7 +300,7 @@ impl Source {
         Duration::from_secs(120)
     }
     fn default_page_size() -> u32 {
-        50_000
+        10_000
     }
 }
 

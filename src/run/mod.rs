@@ -36,9 +36,9 @@ pub fn report_progress_to(sink: Box<ProgressSink>) -> bool {
     PROGRESS.set(sink).is_ok()
 }
 
-/// Pages downloaded ahead of the one being mapped and staged: page N+1
-/// downloads while page N is processed, and memory stays at a few pages.
-const PAGES_IN_FLIGHT: usize = 2;
+/// Mapped pages waiting for the target: page N+1 downloads and maps while
+/// page N is staged, and memory stays at a few pages.
+const PAGES_IN_FLIGHT: usize = 1;
 
 /// A page after mapping, on its way to the target.
 struct MappedPageOf {
