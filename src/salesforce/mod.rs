@@ -528,6 +528,11 @@ impl RunClient {
             .bearer_auth(session.access_token.expose())
             .header(header::ACCEPT, call.accept)
             .query(&call.query);
+        if call.accept == "text/csv" {
+            // Result pages are big, repetitive text: Salesforce gzips them
+            // on request, several times smaller on the wire.
+            request = request.header(header::ACCEPT_ENCODING, "gzip");
+        }
         if let Some(body) = &call.body {
             request = request.json(body);
         }
@@ -761,13 +766,23 @@ async fn read_page(response: reqwest::Response, job_id: &str, number: u32) -> Re
     let next = header_text("Sforce-Locator");
     let declared = header_text("Sforce-NumberOfRecords");
     let context = format!("downloading page {number} of query job {job_id}");
+    let gzipped = header_text("Content-Encoding").is_some_and(|e| e.trim().eq_ignore_ascii_case("gzip"));
     let body = response.bytes().await.map_err(|e| {
         Failure::Transient(SalesforceError::Transport { context: context.clone(), message: e.to_string() })
     })?;
-    // A body cut at an arbitrary byte usually breaks the CSV; one cut at a
-    // row boundary shows as a row count short of the header's.
+    // A body cut at an arbitrary byte usually breaks the CSV (or the gzip
+    // stream); one cut at a row boundary shows as a row count short of the
+    // header's. Either way the same locator is fetched again.
     let truncated =
         |message: String| Failure::Transient(SalesforceError::Protocol { context: context.clone(), message });
+    let body = if gzipped {
+        let mut plain = Vec::with_capacity(body.len() * 4);
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut plain)
+            .map_err(|e| truncated(format!("the gzip-compressed page does not decompress: {e}")))?;
+        bytes::Bytes::from(plain)
+    } else {
+        body
+    };
     let frame = parse_csv_page(&body).map_err(truncated)?;
     if let Some(declared) = declared {
         let declared: usize = declared.trim().parse().map_err(|_| {

@@ -161,6 +161,7 @@ async fn envelope(State(app): State<App>, request: Request, next: Next) -> Respo
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         body: body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default(),
+        accept_encoding: parts.headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned),
     });
     let path = parts.uri.path().to_owned();
     // The versions list (`/services/data/`) needs no session and is not
@@ -769,6 +770,7 @@ async fn job_results(
     State(app): State<App>,
     Path((version, job_id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let api_version = parse_version(&version)?;
     let params = parse_form(query.as_deref().unwrap_or_default());
@@ -791,7 +793,28 @@ async fn job_results(
             locator: param("locator"),
         })
         .await?;
-    let mut response = (StatusCode::OK, page.body).into_response();
+    // As Salesforce: gzip if and only if the client asked for it.
+    let gzip = request_headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| coding.split(';').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("gzip")));
+    let mut response = if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let compressed = std::io::Write::write_all(&mut encoder, page.body.as_bytes()).and_then(|()| encoder.finish());
+        match compressed {
+            Ok(bytes) => {
+                let mut response = (StatusCode::OK, bytes).into_response();
+                response.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                response
+            }
+            // Salesforce may decline to compress; so may we.
+            Err(_) => (StatusCode::OK, page.body).into_response(),
+        }
+    } else {
+        (StatusCode::OK, page.body).into_response()
+    };
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CSV_CONTENT_TYPE));
     for (name, value) in [("sforce-locator", page.locator), ("sforce-numberofrecords", page.records.to_string())] {

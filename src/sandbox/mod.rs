@@ -125,6 +125,8 @@ pub struct LoggedRequest {
     pub query: Option<String>,
     /// The body as text (lossy for non-UTF-8 bytes).
     pub body: String,
+    /// The `Accept-Encoding` header, if sent.
+    pub accept_encoding: Option<String>,
 }
 
 /// An authorization code waiting to be exchanged, with its PKCE challenge.

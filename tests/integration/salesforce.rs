@@ -717,3 +717,70 @@ async fn auth_login_command_stores_the_refresh_token_without_printing_it() {
     assert_succeeded(&report);
     assert_every_row_once(&fx);
 }
+
+/// Result pages come gzip-compressed exactly when the client asks (as
+/// Salesforce does), and nightjar asks: a run decompresses every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_pages_are_gzipped_when_asked_and_nightjar_asks() {
+    use std::io::Read;
+
+    let fx = Fixture::new(300, 1_000).await;
+    let http = reqwest::Client::new();
+    let config = nightjar::sandbox::SandboxConfig::default();
+    let token: serde_json::Value = http
+        .post(fx.running.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", config.client_id.as_str()),
+            ("client_secret", config.client_secret.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = token["access_token"].as_str().unwrap();
+    let base = format!("{}/services/data/v62.0/jobs/query", token["instance_url"].as_str().unwrap());
+    let job: serde_json::Value = http
+        .post(&base)
+        .bearer_auth(access)
+        .json(&serde_json::json!({"operation": "query", "query": "SELECT Id, Name, Description FROM Account"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..50 {
+        let info: serde_json::Value =
+            http.get(format!("{base}/{id}")).bearer_auth(access).send().await.unwrap().json().await.unwrap();
+        if info["state"] == "JobComplete" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let results = format!("{base}/{id}/results");
+    let plain = http.get(&results).bearer_auth(access).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    assert!(plain.headers().get("content-encoding").is_none(), "not asked, not compressed");
+    let plain = plain.bytes().await.unwrap();
+    let zipped = http.get(&results).bearer_auth(access).header("Accept-Encoding", "gzip").send().await.unwrap();
+    assert_eq!(zipped.headers().get("content-encoding").map(|v| v.to_str().unwrap()), Some("gzip"));
+    let zipped = zipped.bytes().await.unwrap();
+    assert!(zipped.len() * 2 < plain.len(), "{} compressed vs {} plain bytes", zipped.len(), plain.len());
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&zipped[..]).read_to_end(&mut unzipped).unwrap();
+    assert_eq!(unzipped, plain.to_vec());
+
+    // nightjar asks for every page compressed, and loads every row.
+    fx.advance(3);
+    let report = fx.run().await;
+    assert_eq!(report.counts.inserted, 300, "{:?}", report.error);
+    let pages: Vec<LoggedRequest> = fx.sandbox.request_log().into_iter().filter(is_results).collect();
+    assert!(pages.len() > 2, "the test fetched 2 pages, the run at least one more");
+    for page in &pages[2..] {
+        assert_eq!(page.accept_encoding.as_deref(), Some("gzip"), "{}", page.path);
+    }
+}
