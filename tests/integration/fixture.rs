@@ -110,6 +110,28 @@ impl Fixture {
         Fixture { dir, sandbox, running, project, state }
     }
 
+    /// A REST session on the sandbox, as any API client gets one (client
+    /// credentials): the access token and the data API base of the org.
+    pub async fn api_session(&self) -> (String, String) {
+        let config = SandboxConfig::default();
+        let token: serde_json::Value = reqwest::Client::new()
+            .post(self.running.token_url())
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", config.client_id.as_str()),
+                ("client_secret", config.client_secret.as_str()),
+            ])
+            .send()
+            .await
+            .expect("token request")
+            .json()
+            .await
+            .expect("token response");
+        let access = token["access_token"].as_str().expect("a token").to_string();
+        let instance = token["instance_url"].as_str().expect("instance_url");
+        (access, format!("{instance}/services/data/v62.0"))
+    }
+
     pub async fn run(&self) -> RunReport {
         run_job(&self.project, &self.state, "accounts", "test").await.expect("run is recorded")
     }

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use nightjar::sandbox::SandboxConfig;
 use nightjar::state::RunStatus;
 use rusqlite::types::Value;
 use serde_json::{Value as Json, json};
@@ -26,22 +25,9 @@ fn nightjar(dir: &Path, args: &[&str]) -> Output {
 /// over HTTP: token, create, upload CSV, UploadComplete, poll.
 async fn plant(fx: &Fixture, field: &str, values: &[(&str, &str)]) {
     let http = reqwest::Client::new();
-    let config = SandboxConfig::default();
-    let token: Json = http
-        .post(fx.running.token_url())
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", config.client_id.as_str()),
-            ("client_secret", config.client_secret.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let access = token["access_token"].as_str().expect("a token");
-    let base = format!("{}/services/data/v62.0/jobs/ingest", token["instance_url"].as_str().expect("instance_url"));
+    let (access, api) = fx.api_session().await;
+    let access = access.as_str();
+    let base = format!("{api}/jobs/ingest");
     let job: Json = http
         .post(&base)
         .bearer_auth(access)

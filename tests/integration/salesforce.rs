@@ -726,22 +726,9 @@ async fn result_pages_are_gzipped_when_asked_and_nightjar_asks() {
 
     let fx = Fixture::new(300, 1_000).await;
     let http = reqwest::Client::new();
-    let config = nightjar::sandbox::SandboxConfig::default();
-    let token: serde_json::Value = http
-        .post(fx.running.token_url())
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", config.client_id.as_str()),
-            ("client_secret", config.client_secret.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let access = token["access_token"].as_str().unwrap();
-    let base = format!("{}/services/data/v62.0/jobs/query", token["instance_url"].as_str().unwrap());
+    let (access, api) = fx.api_session().await;
+    let access = access.as_str();
+    let base = format!("{api}/jobs/query");
     let job: serde_json::Value = http
         .post(&base)
         .bearer_auth(access)
