@@ -123,6 +123,9 @@ enum Command {
         /// PEM public key that JWT bearer assertions must verify against.
         #[arg(long, value_name = "FILE")]
         jwt_public_key: Option<PathBuf>,
+        /// Where the sandbox clock starts, e.g. 2026-01-01T00:00:00Z (default: now).
+        #[arg(long, value_name = "RFC3339", value_parser = chrono::DateTime::parse_from_rfc3339)]
+        start: Option<chrono::DateTime<chrono::FixedOffset>>,
     },
     /// Run the example jobs against an in-process sandbox, twice, and show the history.
     Demo,
@@ -513,8 +516,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{job}: watermark {} -> {} (history entry {entry})", show(before), show(value));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sandbox { listen, generate, faults, jwt_public_key } => {
+        Command::Sandbox { listen, generate, faults, jwt_public_key, start } => {
             let mut config = SandboxConfig::default();
+            if let Some(start) = start {
+                config.start = start.to_utc();
+            }
             for spec in &generate {
                 config.objects.push(SandboxConfig::parse_generate(spec)?);
             }

@@ -4,9 +4,10 @@
 //! It speaks the wire protocol in `salesforce-bulk-api.md` independently of
 //! nightjar's client (own serde structs, own CSV writer), so a misreading of
 //! the protocol on one side is caught by the other. It keeps its own clock,
-//! which moves only when told to; record timestamps, job dates and the HTTP
-//! `Date` header all come from it, so tests can script "time passes, records
-//! change, the next incremental run picks them up" without sleeping.
+//! which starts at the real time and then moves only when told to; record
+//! timestamps, job dates and the HTTP `Date` header all come from it, so
+//! tests can script "time passes, records change, the next incremental run
+//! picks them up" without sleeping.
 
 mod admin;
 mod csv_out;
@@ -25,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -42,10 +43,13 @@ pub struct SandboxConfig {
     /// Objects to generate and how many rows each, e.g. `[("Account", 2500)]`.
     /// Every known object exists even when not listed, with no rows.
     pub objects: Vec<(String, usize)>,
-    /// Seed for the record generator; the same seed and counts give the same data.
+    /// Seed for the record generator; the same seed, counts and `start`
+    /// give the same data.
     pub seed: u64,
-    /// Where the sandbox clock starts. Generated records are stamped in the
-    /// 30 days before it.
+    /// Where the sandbox clock starts; by default the real current time,
+    /// whole seconds (clients may refuse a server `Date` far from their own
+    /// clock, as Salesforce's never is). Generated records are stamped in
+    /// the 30 days before it.
     pub start: DateTime<Utc>,
     pub client_id: String,
     pub client_secret: String,
@@ -69,7 +73,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             objects: Vec::new(),
             seed: 42,
-            start: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().unwrap_or(DateTime::UNIX_EPOCH),
+            start: Utc::now().trunc_subsecs(0),
             client_id: "nightjar-sandbox".to_owned(),
             client_secret: "sandbox-secret".to_owned(),
             polls_until_complete: 2,
@@ -617,9 +621,13 @@ impl Drop for RunningSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
 
+    /// A fixed start: generated data follows it, and these tests compare
+    /// sandboxes built moments apart.
     fn sandbox(n: usize) -> Sandbox {
-        Sandbox::new(SandboxConfig { objects: vec![("Account".into(), n)], ..SandboxConfig::default() }).unwrap()
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        Sandbox::new(SandboxConfig { objects: vec![("Account".into(), n)], start, ..SandboxConfig::default() }).unwrap()
     }
 
     fn field<'a>(row: &'a [(String, Option<String>)], name: &str) -> Option<&'a str> {
@@ -633,6 +641,17 @@ mod tests {
         assert!(err.to_string().contains("known objects: Account"), "{err}");
         assert!(SandboxConfig::parse_generate("Account").is_err());
         assert!(SandboxConfig::parse_generate("Account=-3").is_err());
+    }
+
+    #[test]
+    fn the_clock_starts_at_the_real_time_in_whole_seconds() {
+        let before = Utc::now().trunc_subsecs(0);
+        let start = SandboxConfig::default().start;
+        let after = Utc::now();
+        assert!(before <= start && start <= after, "{before} <= {start} <= {after}");
+        assert_eq!(start.timestamp_subsec_nanos(), 0);
+        let sandbox = Sandbox::new(SandboxConfig { start, ..SandboxConfig::default() }).unwrap();
+        assert_eq!(sandbox.now(), start);
     }
 
     #[test]

@@ -11,9 +11,15 @@ use super::super::{RunningSandbox, Sandbox, SandboxConfig};
 
 const V: &str = "v62.0";
 
+/// The start these tests' dates and query windows are written against.
+fn new_year() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().to_utc()
+}
+
 async fn start(rows: usize) -> (Sandbox, RunningSandbox, reqwest::Client) {
-    let sandbox =
-        Sandbox::new(SandboxConfig { objects: vec![("Account".into(), rows)], ..SandboxConfig::default() }).unwrap();
+    let config =
+        SandboxConfig { objects: vec![("Account".into(), rows)], start: new_year(), ..SandboxConfig::default() };
+    let sandbox = Sandbox::new(config).unwrap();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let running = sandbox.start(addr).await.unwrap();
     (sandbox, running, reqwest::Client::new())
