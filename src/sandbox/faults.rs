@@ -20,13 +20,25 @@
 //! slow-jobs:polls=N                        query jobs need N polls to complete
 //! api-budget:max=N[,used=U]                DailyApiRequests allowance N, U already used; past it
 //!                                          every data call but /limits answers REQUEST_LIMIT_EXCEEDED
+//! end-early[:nth=N,times=K]                a results page says `Sforce-Locator: null` although rows
+//!                                          remain (the job's numberRecordsProcessed still counts them)
+//! bad-page[:nth=N,times=K]                 one data row of a results page lacks its last field (has
+//!                                          an extra one if there is one column); row count unchanged
+//! truncate:at=B[,nth=N,times=K]            a results page's CSV is cut after B bytes, then gzipped if
+//!                                          asked; Content-Length fits, Sforce-NumberOfRecords does not
+//! truncate-wire:at=B[,nth=N,times=K]       like truncate, but the cut is made after gzip: complete
+//!                                          HTTP framing around a cut gzip stream
+//! repeat-locator[:nth=N,times=K]           a results page's Sforce-Locator leads back to that same
+//!                                          page, so a client that follows it never gets further
 //! ```
 //!
 //! `on` picks the requests a fault counts: `any` (default), `token`,
 //! `create`, `poll`, `results`, `abort`, `limits`, `describe`, or a path
-//! fragment starting with `/`. The fault hits matching requests number
+//! fragment starting with `/`. The results-page faults (`end-early`,
+//! `bad-page`, `truncate`, `truncate-wire`, `repeat-locator`) take no `on`:
+//! they count `results` requests. The fault hits matching requests number
 //! `nth` (default 1) through `nth + times - 1` (default `times=1`), counted
-//! from when it was added. Example:
+//! from when it was added; a large `times` makes it persistent. Example:
 //!
 //! ```text
 //! http:code=503,body=html,on=results,times=2;expire-session:on=results,nth=2;api-budget:max=500
@@ -128,6 +140,25 @@ pub enum FaultAction {
     /// Headers and half the body, then the connection drops.
     Drop,
     Delay(Duration),
+    /// A results page served, but wrong.
+    Page(PageFault),
+}
+
+/// How a results page goes wrong while the response around it looks fine;
+/// each is something a client can only catch by checking what it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFault {
+    /// `Sforce-Locator: null` although rows remain.
+    EndEarly,
+    /// The first data row a field short (or over, on a one-column page);
+    /// a page without rows is served as it is.
+    BadPage,
+    /// The CSV cut after this many bytes, before any gzip.
+    Truncate(usize),
+    /// The bytes sent cut after this many, after any gzip.
+    TruncateWire(usize),
+    /// The next-page locator leads back to this page.
+    RepeatLocator,
 }
 
 /// One injected fault: `action` on matching requests `nth ..= nth+times-1`.
@@ -243,10 +274,13 @@ fn parse_one(item: &str) -> Result<Fault, SandboxError> {
         "fail-job" => &["times"],
         "slow-jobs" => &["polls"],
         "api-budget" => &["max", "used"],
+        "end-early" | "bad-page" | "repeat-locator" => &["nth", "times"],
+        "truncate" | "truncate-wire" => &["at", "nth", "times"],
         other => {
             return Err(bad(format!(
                 "unknown fault `{other}`; use expire-session, rest-api-scope, limit-exceeded, http, drop, \
-                 delay, fail-job, slow-jobs or api-budget"
+                 delay, fail-job, slow-jobs, api-budget, end-early, bad-page, truncate, truncate-wire \
+                 or repeat-locator"
             )));
         }
     };
@@ -281,6 +315,16 @@ fn parse_one(item: &str) -> Result<Fault, SandboxError> {
             let ms = get("ms").ok_or_else(|| bad("`delay` needs ms=MILLISECONDS".into()))?;
             FaultAction::Delay(Duration::from_millis(number("ms", 0).map_err(|_| bad(format!("bad ms `{ms}`")))?))
         }
+        "end-early" => FaultAction::Page(PageFault::EndEarly),
+        "bad-page" => FaultAction::Page(PageFault::BadPage),
+        "repeat-locator" => FaultAction::Page(PageFault::RepeatLocator),
+        "truncate" | "truncate-wire" => {
+            if get("at").is_none() {
+                return Err(bad(format!("`{kind}` needs at=BYTES, e.g. at=100")));
+            }
+            let at = usize::try_from(number("at", 0)?).map_err(|_| bad("`at` is too large".into()))?;
+            FaultAction::Page(if kind == "truncate" { PageFault::Truncate(at) } else { PageFault::TruncateWire(at) })
+        }
         "fail-job" => {
             return Ok(Fault::FailJobs {
                 times: as_u32(number("times", 1)?, "times")?,
@@ -307,7 +351,9 @@ fn parse_one(item: &str) -> Result<Fault, SandboxError> {
         }
         other => return Err(bad(format!("unknown fault `{other}`"))),
     };
-    let on = match get("on").unwrap_or("any") {
+    // Page faults reshape result pages, so results requests are what they count.
+    let default_on = if matches!(action, FaultAction::Page(_)) { "results" } else { "any" };
+    let on = match get("on").unwrap_or(default_on) {
         "any" => FaultTarget::Any,
         "token" => FaultTarget::Token,
         "create" => FaultTarget::Create,
@@ -357,6 +403,25 @@ mod tests {
     }
 
     #[test]
+    fn parses_page_faults() {
+        let page = |fault| FaultRule::new(FaultAction::Page(fault), FaultTarget::Results);
+        let faults = parse_faults(
+            "end-early; bad-page:times=1000; truncate:at=120,nth=2; truncate-wire:at=0; repeat-locator:nth=3,times=2",
+        )
+        .unwrap();
+        assert_eq!(
+            faults,
+            vec![
+                Fault::Rule(page(PageFault::EndEarly)),
+                Fault::Rule(page(PageFault::BadPage).times(1000)),
+                Fault::Rule(page(PageFault::Truncate(120)).nth(2)),
+                Fault::Rule(page(PageFault::TruncateWire(0))),
+                Fault::Rule(page(PageFault::RepeatLocator).nth(3).times(2)),
+            ]
+        );
+    }
+
+    #[test]
     fn rejects_bad_specs_with_a_reason() {
         for (spec, reason) in [
             ("explode", "unknown fault `explode`"),
@@ -367,6 +432,12 @@ mod tests {
             ("delay:ms=5,code=503", "takes no option `code`"),
             ("slow-jobs:polls=x", "whole number"),
             ("expire-session:times", "not key=value"),
+            ("truncate", "`truncate` needs at=BYTES"),
+            ("truncate-wire:nth=2", "`truncate-wire` needs at=BYTES"),
+            ("truncate:at=-1", "`at` must be a whole number"),
+            ("end-early:on=poll", "`end-early` takes no option `on`"),
+            ("repeat-locator:at=3", "takes no option `at`"),
+            ("bad-page:nth=0", "counts from 1"),
         ] {
             let err = parse_faults(spec).unwrap_err().to_string();
             assert!(err.contains(reason), "{spec}: {err}");

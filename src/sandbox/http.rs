@@ -5,20 +5,20 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 
 use super::csv_out::{ColumnDelimiter, CsvStyle, LineEnding};
 use super::data::{http_date, make_id};
 use super::describe;
 use super::encoding::{base64_decode, base64_encode, parse_form};
-use super::faults::{Endpoint, ErrorBody, FaultAction};
+use super::faults::{Endpoint, ErrorBody, FaultAction, PageFault};
 use super::ingest::{IngestOperation, NewIngestJob, ResultKind};
 use super::jobs::{ApiError, NewQueryJob, Operation, PageRequest};
 use super::{LoggedRequest, Sandbox};
@@ -154,7 +154,7 @@ impl Sandbox {
 }
 
 async fn envelope(State(app): State<App>, request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await;
     app.sandbox.log_request(LoggedRequest {
         method: parts.method.to_string(),
@@ -199,6 +199,10 @@ async fn envelope(State(app): State<App>, request: Request, next: Next) -> Respo
         (Ok(bytes), fault) => {
             if let Some(FaultAction::Delay(pause)) = fault {
                 tokio::time::sleep(pause).await;
+            }
+            // Only the results handler knows the page well enough to spoil it.
+            if let Some(FaultAction::Page(page_fault)) = fault {
+                parts.extensions.insert(page_fault);
             }
             let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
             if fault == Some(FaultAction::Drop) { drop_mid_body(response).await } else { response }
@@ -771,7 +775,9 @@ async fn job_results(
     Path((version, job_id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     request_headers: HeaderMap,
+    fault: Option<Extension<PageFault>>,
 ) -> Result<Response, ApiError> {
+    let fault = fault.map(|Extension(fault)| fault);
     let api_version = parse_version(&version)?;
     let params = parse_form(query.as_deref().unwrap_or_default());
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
@@ -791,6 +797,7 @@ async fn job_results(
             job_id: &job_id,
             max_records,
             locator: param("locator"),
+            fault,
         })
         .await?;
     // As Salesforce: gzip if and only if the client asked for it.
@@ -800,22 +807,30 @@ async fn job_results(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|coding| coding.split(';').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("gzip")));
-    let mut response = if gzip {
+    let mut csv = page.body.into_bytes();
+    if let Some(PageFault::Truncate(at)) = fault {
+        csv.truncate(at);
+    }
+    let (mut sent, gzipped) = if gzip {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let compressed = std::io::Write::write_all(&mut encoder, page.body.as_bytes()).and_then(|()| encoder.finish());
-        match compressed {
-            Ok(bytes) => {
-                let mut response = (StatusCode::OK, bytes).into_response();
-                response.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                response
-            }
+        match std::io::Write::write_all(&mut encoder, &csv).and_then(|()| encoder.finish()) {
+            Ok(bytes) => (bytes, true),
             // Salesforce may decline to compress; so may we.
-            Err(_) => (StatusCode::OK, page.body).into_response(),
+            Err(_) => (csv, false),
         }
     } else {
-        (StatusCode::OK, page.body).into_response()
+        (csv, false)
     };
+    // Cut after compression, the HTTP framing (Content-Length) stays whole
+    // and only the gzip stream inside it is broken.
+    if let Some(PageFault::TruncateWire(at)) = fault {
+        sent.truncate(at);
+    }
+    let mut response = (StatusCode::OK, sent).into_response();
     let headers = response.headers_mut();
+    if gzipped {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CSV_CONTENT_TYPE));
     for (name, value) in [("sforce-locator", page.locator), ("sforce-numberofrecords", page.records.to_string())] {
         if let Ok(value) = HeaderValue::from_str(&value) {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::csv_out::{self, CsvStyle};
 use super::data::{Row, json_timestamp, make_id};
 use super::encoding::{base64_decode, base64_encode};
+use super::faults::PageFault;
 use super::{Sandbox, is_deleted, soql};
 
 /// An error answered as `[{"errorCode": code, "message": message}]`.
@@ -199,6 +200,9 @@ pub(crate) struct PageRequest<'a> {
     pub job_id: &'a str,
     pub max_records: Option<usize>,
     pub locator: Option<&'a str>,
+    /// A fault to serve this page with; the byte-level ones are the HTTP
+    /// layer's, the rest change what this page says.
+    pub fault: Option<PageFault>,
 }
 
 pub(crate) struct ResultPage {
@@ -398,14 +402,33 @@ impl Sandbox {
         };
         let end = offset.saturating_add(req.max_records.unwrap_or(page_size)).min(results.len());
         let records = end.saturating_sub(offset);
-        let locator = if end < results.len() { encode_locator(end) } else { "null".to_owned() };
+        let locator = match req.fault {
+            Some(PageFault::EndEarly) => "null".to_owned(),
+            // Offset 0 is a real locator too, so the loop also works from
+            // the first page, which was fetched without one.
+            Some(PageFault::RepeatLocator) => req.locator.map_or_else(|| encode_locator(0), str::to_owned),
+            _ if end < results.len() => encode_locator(end),
+            _ => "null".to_owned(),
+        };
+        let bad_page = req.fault == Some(PageFault::BadPage);
         let render = move || {
             // Rough size guess; avoids most regrowth on big pages.
             let mut body = String::with_capacity(64 + records * columns.len() * 24);
             csv_out::write_header(&mut body, header.iter().map(String::as_str), style);
-            for row in results.get(offset..end).unwrap_or_default() {
+            for (i, row) in results.get(offset..end).unwrap_or_default().iter().enumerate() {
                 let values = columns.iter().map(|&c| row.get(c).and_then(Option::as_ref));
-                csv_out::write_record(&mut body, values, style);
+                if bad_page && i == 0 {
+                    // A field short fails any reader that checks field counts;
+                    // on a one-column page that would be a blank line, which
+                    // readers skip, so the row gets a field too many instead.
+                    if columns.len() > 1 {
+                        csv_out::write_record(&mut body, values.take(columns.len() - 1), style);
+                    } else {
+                        csv_out::write_record(&mut body, values.chain([None]), style);
+                    }
+                } else {
+                    csv_out::write_record(&mut body, values, style);
+                }
             }
             body
         };

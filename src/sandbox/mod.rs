@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use faults::{ErrorBody, Fault, FaultAction, FaultRule, FaultTarget, parse_faults};
+pub use faults::{ErrorBody, Fault, FaultAction, FaultRule, FaultTarget, PageFault, parse_faults};
 
 use data::{Row, Schema, Value};
 use generate::ObjectSpec;

@@ -724,3 +724,209 @@ async fn ingest_job_lifecycle_and_results() {
     assert_eq!(error_code(gone).await.0, 404);
     running.shutdown().await;
 }
+
+// ------------------------------------------------------ results-page faults ---
+
+/// A completed query job over `rows` Accounts; returns its results URL too.
+async fn completed_job(rows: usize, query: &str) -> (Sandbox, RunningSandbox, reqwest::Client, String, String) {
+    let (sandbox, running, client) = start(rows).await;
+    let token = token(&client, &running).await;
+    let created: Json =
+        create(&client, &running, &token, json!({"operation": "query", "query": query})).await.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(poll_to_end(&client, &running, &token, &id).await["state"], "JobComplete");
+    let results_url = format!("{}/{id}/results", jobs_url(&running));
+    (sandbox, running, client, token, results_url)
+}
+
+/// One results page exactly as it came over the wire: status, headers and
+/// the body bytes (the client has no gzip support, so nothing is undone).
+async fn wire_page(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    max_records: usize,
+    locator: Option<&str>,
+    gzip: bool,
+) -> (reqwest::header::HeaderMap, Vec<u8>) {
+    let mut request = client.get(url).bearer_auth(token).query(&[("maxRecords", max_records.to_string())]);
+    if let Some(l) = locator {
+        request = request.query(&[("locator", l)]);
+    }
+    if gzip {
+        request = request.header("Accept-Encoding", "gzip");
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let body = response.bytes().await.unwrap().to_vec();
+    assert_eq!(headers["content-length"].to_str().unwrap(), body.len().to_string(), "framing fits what is sent");
+    (headers, body)
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers[name].to_str().unwrap()
+}
+
+fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out)?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn end_early_ends_pagination_while_rows_remain() {
+    let (sandbox, running, client, token, url) = completed_job(250, "SELECT Id, Name FROM Account").await;
+    let (headers, first) = wire_page(&client, &url, &token, 100, None, false).await;
+    let next = header(&headers, "sforce-locator").to_owned();
+    let (_, expected) = wire_page(&client, &url, &token, 100, Some(&next), false).await;
+
+    sandbox.add_faults("end-early").unwrap();
+    let (headers, body) = wire_page(&client, &url, &token, 100, None, false).await;
+    assert_eq!(header(&headers, "sforce-locator"), "null", "150 rows remain");
+    assert_eq!(header(&headers, "sforce-numberofrecords"), "100");
+    assert_eq!(body, first, "the page itself is whole");
+    // Only the job's total gives it away.
+    let id = url.trim_end_matches("/results").rsplit('/').next().unwrap();
+    let info: Json = client
+        .get(format!("{}/{id}", jobs_url(&running)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["numberRecordsProcessed"], 250);
+
+    // `nth` counts results requests; the locator itself still works.
+    sandbox.add_faults("end-early:nth=2").unwrap();
+    let (headers, _) = wire_page(&client, &url, &token, 100, None, false).await;
+    assert_eq!(header(&headers, "sforce-locator"), next);
+    let (headers, body) = wire_page(&client, &url, &token, 100, Some(&next), false).await;
+    assert_eq!((header(&headers, "sforce-locator"), body), ("null", expected));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_page_has_a_ragged_row_under_the_right_count() {
+    let (sandbox, running, client, token, url) = completed_job(30, "SELECT Id, IsDeleted FROM Account").await;
+    let (_, good) = wire_page(&client, &url, &token, 10, None, false).await;
+    let good = String::from_utf8(good).unwrap();
+    let mut lines: Vec<&str> = good.split_inclusive('\n').collect();
+    assert_eq!(lines.len(), 11);
+    let first_id = lines[1].split(',').next().unwrap().to_owned();
+    let ragged = format!("{first_id}\n");
+    lines[1] = &ragged;
+    let expected = lines.concat();
+
+    // Persistent for `times` requests, so a client's retries run out.
+    sandbox.add_faults("bad-page:times=3").unwrap();
+    for _ in 0..3 {
+        let (headers, body) = wire_page(&client, &url, &token, 10, None, false).await;
+        assert_eq!(header(&headers, "sforce-numberofrecords"), "10");
+        assert_eq!(String::from_utf8(body.clone()).unwrap(), expected);
+        let mut strict = csv::Reader::from_reader(&body[..]);
+        let error = strict.records().find_map(Result::err).expect("a strict reader refuses the page");
+        assert!(matches!(error.kind(), csv::ErrorKind::UnequalLengths { .. }), "{error}");
+    }
+    let (_, again) = wire_page(&client, &url, &token, 10, None, false).await;
+    assert_eq!(again, good.as_bytes(), "spent after 3");
+
+    // Gzipped like any page when asked.
+    sandbox.add_faults("bad-page").unwrap();
+    let (headers, body) = wire_page(&client, &url, &token, 10, None, true).await;
+    assert_eq!(header(&headers, "content-encoding"), "gzip");
+    assert_eq!(gunzip(&body).unwrap(), expected.as_bytes());
+    running.shutdown().await;
+
+    // One column: a short row would be blank, so it carries an extra field.
+    let (sandbox, running, client, token, url) = completed_job(3, "SELECT Id FROM Account").await;
+    let (_, good) = wire_page(&client, &url, &token, 10, None, false).await;
+    let good = String::from_utf8(good).unwrap();
+    sandbox.add_faults("bad-page").unwrap();
+    let (_, body) = wire_page(&client, &url, &token, 10, None, false).await;
+    let mut lines: Vec<String> = good.split_inclusive('\n').map(str::to_owned).collect();
+    lines[1] = lines[1].replace('\n', ",\"\"\n");
+    assert_eq!(String::from_utf8(body).unwrap(), lines.concat());
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn truncate_cuts_the_csv_then_gzips_it() {
+    let (sandbox, running, client, token, url) = completed_job(30, "SELECT Id, IsDeleted FROM Account").await;
+    let (headers, good) = wire_page(&client, &url, &token, 10, None, false).await;
+    let next = header(&headers, "sforce-locator").to_owned();
+    // Inside the last quoted field: `..."fal`, no closing quote, no newline.
+    let at = good.len() - 4;
+    assert!(good.ends_with(b"\"false\"\n"));
+
+    sandbox.add_faults(&format!("truncate:at={at},times=2")).unwrap();
+    let (headers, body) = wire_page(&client, &url, &token, 10, None, false).await;
+    assert_eq!(body, &good[..at]);
+    assert!(body.ends_with(b",\"fal"));
+    assert!(headers.get("content-encoding").is_none());
+    assert_eq!(header(&headers, "sforce-numberofrecords"), "10", "counts the whole page");
+    assert_eq!(header(&headers, "sforce-locator"), next);
+    let (headers, body) = wire_page(&client, &url, &token, 10, None, true).await;
+    assert_eq!(header(&headers, "content-encoding"), "gzip");
+    assert_eq!(header(&headers, "sforce-numberofrecords"), "10");
+    assert_eq!(gunzip(&body).unwrap(), &good[..at], "a complete gzip stream of the cut CSV");
+
+    // Past the end nothing is cut.
+    sandbox.add_faults(&format!("truncate:at={},times=2", good.len() + 1)).unwrap();
+    assert_eq!(wire_page(&client, &url, &token, 10, None, false).await.1, good);
+    assert_eq!(gunzip(&wire_page(&client, &url, &token, 10, None, true).await.1).unwrap(), good);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn truncate_wire_cuts_the_gzip_stream() {
+    let (sandbox, running, client, token, url) = completed_job(30, "SELECT Id, IsDeleted FROM Account").await;
+    let (_, good) = wire_page(&client, &url, &token, 10, None, false).await;
+    let (_, zipped) = wire_page(&client, &url, &token, 10, None, true).await;
+    let at = zipped.len() / 2;
+
+    sandbox.add_faults(&format!("truncate-wire:at={at},times=2")).unwrap();
+    let (headers, body) = wire_page(&client, &url, &token, 10, None, true).await;
+    assert_eq!(header(&headers, "content-encoding"), "gzip");
+    assert_eq!(header(&headers, "sforce-numberofrecords"), "10");
+    assert_eq!(body, &zipped[..at], "the compressed bytes, cut");
+    let error = gunzip(&body).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
+    // Not asked for gzip: the same cut as `truncate`.
+    let (headers, body) = wire_page(&client, &url, &token, 10, None, false).await;
+    assert!(headers.get("content-encoding").is_none());
+    assert_eq!(body, &good[..at]);
+    assert_eq!(wire_page(&client, &url, &token, 10, None, true).await.1, zipped, "spent after 2");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn repeat_locator_loops_on_the_same_page() {
+    let (sandbox, running, client, token, url) = completed_job(250, "SELECT Id, Name FROM Account").await;
+    let (headers, first) = wire_page(&client, &url, &token, 100, None, false).await;
+    let second_locator = header(&headers, "sforce-locator").to_owned();
+    let (headers, second) = wire_page(&client, &url, &token, 100, Some(&second_locator), false).await;
+    let third_locator = header(&headers, "sforce-locator").to_owned();
+
+    // From the first page (fetched without a locator), a locator back to it.
+    sandbox.add_faults("repeat-locator:times=2").unwrap();
+    let (headers, body) = wire_page(&client, &url, &token, 100, None, false).await;
+    assert_eq!(body, first);
+    let back = header(&headers, "sforce-locator").to_owned();
+    assert_ne!(back, "null");
+    assert_ne!(back, second_locator);
+    let (headers, body) = wire_page(&client, &url, &token, 100, Some(&back), false).await;
+    assert_eq!((body, header(&headers, "sforce-locator")), (first.clone(), back.as_str()), "a loop, not an error");
+    let (headers, body) = wire_page(&client, &url, &token, 100, Some(&back), false).await;
+    assert_eq!((body, header(&headers, "sforce-locator")), (first, second_locator.as_str()), "spent after 2");
+
+    // From a later page, the locator that fetched it.
+    sandbox.add_faults("repeat-locator").unwrap();
+    let (headers, body) = wire_page(&client, &url, &token, 100, Some(&second_locator), false).await;
+    assert_eq!((&body, header(&headers, "sforce-locator")), (&second, second_locator.as_str()));
+    let (headers, body) = wire_page(&client, &url, &token, 100, Some(&second_locator), false).await;
+    assert_eq!((body, header(&headers, "sforce-locator")), (second, third_locator.as_str()));
+    running.shutdown().await;
+}
