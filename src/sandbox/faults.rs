@@ -30,6 +30,8 @@
 //!                                          HTTP framing around a cut gzip stream
 //! repeat-locator[:nth=N,times=K]           a results page's Sforce-Locator leads back to that same
 //!                                          page, so a client that follows it never gets further
+//! clock-skew:by=[+|-]DURATION              from now on the HTTP Date header is the sandbox clock plus
+//!                                          DURATION (humantime: by=-3650d, by=+90m); data keeps the clock
 //! ```
 //!
 //! `on` picks the requests a fault counts: `any` (default), `token`,
@@ -209,12 +211,17 @@ pub enum Fault {
     FailJobs { times: u32, message: String },
     SlowJobs { polls: u32 },
     ApiBudget { max: u64, used: u64 },
+    ClockSkew { by: chrono::TimeDelta },
 }
 
-/// The rules in force; the first rule that hits a request decides it.
+/// The faults in force; the first rule that hits a request decides it.
 #[derive(Debug, Default)]
 pub(crate) struct FaultBook {
     rules: Vec<FaultRule>,
+    /// Added to the sandbox clock for the `Date` header only: record
+    /// timestamps and job dates stay on the clock, as a server whose
+    /// clock is wrong still stores what it stores.
+    date_skew: chrono::TimeDelta,
 }
 
 impl FaultBook {
@@ -236,8 +243,17 @@ impl FaultBook {
         chosen
     }
 
+    pub(crate) fn set_date_skew(&mut self, by: chrono::TimeDelta) {
+        self.date_skew = by;
+    }
+
+    pub(crate) fn date_skew(&self) -> chrono::TimeDelta {
+        self.date_skew
+    }
+
     pub(crate) fn clear(&mut self) {
         self.rules.clear();
+        self.date_skew = chrono::TimeDelta::zero();
     }
 }
 
@@ -276,11 +292,12 @@ fn parse_one(item: &str) -> Result<Fault, SandboxError> {
         "api-budget" => &["max", "used"],
         "end-early" | "bad-page" | "repeat-locator" => &["nth", "times"],
         "truncate" | "truncate-wire" => &["at", "nth", "times"],
+        "clock-skew" => &["by"],
         other => {
             return Err(bad(format!(
                 "unknown fault `{other}`; use expire-session, rest-api-scope, limit-exceeded, http, drop, \
-                 delay, fail-job, slow-jobs, api-budget, end-early, bad-page, truncate, truncate-wire \
-                 or repeat-locator"
+                 delay, fail-job, slow-jobs, api-budget, end-early, bad-page, truncate, truncate-wire, \
+                 repeat-locator or clock-skew"
             )));
         }
     };
@@ -324,6 +341,14 @@ fn parse_one(item: &str) -> Result<Fault, SandboxError> {
             }
             let at = usize::try_from(number("at", 0)?).map_err(|_| bad("`at` is too large".into()))?;
             FaultAction::Page(if kind == "truncate" { PageFault::Truncate(at) } else { PageFault::TruncateWire(at) })
+        }
+        "clock-skew" => {
+            let by = get("by").ok_or_else(|| bad("`clock-skew` needs by=DURATION, e.g. by=+3650d".into()))?;
+            return Ok(Fault::ClockSkew {
+                by: parse_skew(by).ok_or_else(|| {
+                    bad(format!("`by` must be a duration with an optional sign, e.g. +3650d, -1d or 90m; got `{by}`"))
+                })?,
+            });
         }
         "fail-job" => {
             return Ok(Fault::FailJobs {
@@ -377,6 +402,17 @@ fn parse_one(item: &str) -> Result<Fault, SandboxError> {
     Ok(Fault::Rule(FaultRule::new(action, on).nth(nth).times(times)))
 }
 
+/// `+3650d`, `-1d`, `90m`: a humantime duration, negative with a leading `-`.
+fn parse_skew(text: &str) -> Option<chrono::TimeDelta> {
+    let (negative, magnitude) = match text.as_bytes().first() {
+        Some(b'-') => (true, text.get(1..)?),
+        Some(b'+') => (false, text.get(1..)?),
+        _ => (false, text),
+    };
+    let by = chrono::TimeDelta::from_std(humantime::parse_duration(magnitude.trim()).ok()?).ok()?;
+    Some(if negative { -by } else { by })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_page_faults() {
+    fn parses_page_faults_and_clock_skew() {
         let page = |fault| FaultRule::new(FaultAction::Page(fault), FaultTarget::Results);
         let faults = parse_faults(
             "end-early; bad-page:times=1000; truncate:at=120,nth=2; truncate-wire:at=0; repeat-locator:nth=3,times=2",
@@ -419,6 +455,24 @@ mod tests {
                 Fault::Rule(page(PageFault::RepeatLocator).nth(3).times(2)),
             ]
         );
+        for (spec, by) in [
+            ("clock-skew:by=+3650d", chrono::TimeDelta::days(3650)),
+            ("clock-skew:by=-1d", chrono::TimeDelta::days(-1)),
+            ("clock-skew:by=90m", chrono::TimeDelta::minutes(90)),
+            ("clock-skew:by=-1h 30m", chrono::TimeDelta::minutes(-90)),
+        ] {
+            assert_eq!(parse_faults(spec).unwrap(), vec![Fault::ClockSkew { by }], "{spec}");
+        }
+    }
+
+    #[test]
+    fn clearing_ends_rules_and_skew() {
+        let mut book = FaultBook::default();
+        book.add(FaultRule::new(FaultAction::Page(PageFault::EndEarly), FaultTarget::Results).times(5));
+        book.set_date_skew(chrono::TimeDelta::days(1));
+        book.clear();
+        assert_eq!(book.hit("GET", "/services/data/v62.0/jobs/query/750x/results"), None);
+        assert_eq!(book.date_skew(), chrono::TimeDelta::zero());
     }
 
     #[test]
@@ -438,6 +492,10 @@ mod tests {
             ("end-early:on=poll", "`end-early` takes no option `on`"),
             ("repeat-locator:at=3", "takes no option `at`"),
             ("bad-page:nth=0", "counts from 1"),
+            ("clock-skew", "needs by=DURATION"),
+            ("clock-skew:by=soon", "`by` must be a duration"),
+            ("clock-skew:by=+", "`by` must be a duration"),
+            ("clock-skew:by=1d,nth=2", "takes no option `nth`"),
         ] {
             let err = parse_faults(spec).unwrap_err().to_string();
             assert!(err.contains(reason), "{spec}: {err}");

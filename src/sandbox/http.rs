@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::csv_out::{ColumnDelimiter, CsvStyle, LineEnding};
@@ -151,6 +152,18 @@ impl Sandbox {
         let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("OAuth ")).map(str::trim);
         token.is_some_and(|t| self.lock().tokens.contains(t))
     }
+
+    /// The sandbox clock as the `Date` header tells it: off by any injected
+    /// skew, saturating rather than failing on an absurd one.
+    fn date_header_time(&self) -> DateTime<Utc> {
+        let state = self.lock();
+        let skew = state.faults.date_skew();
+        state.clock.checked_add_signed(skew).unwrap_or(if skew < TimeDelta::zero() {
+            DateTime::<Utc>::MIN_UTC
+        } else {
+            DateTime::<Utc>::MAX_UTC
+        })
+    }
 }
 
 async fn envelope(State(app): State<App>, request: Request, next: Next) -> Response {
@@ -211,8 +224,9 @@ async fn envelope(State(app): State<App>, request: Request, next: Next) -> Respo
 
     let headers = response.headers_mut();
     // Clients plan extraction windows from this header, so it must be the
-    // sandbox clock; hyper only adds its wall-clock Date when none is set.
-    if let Ok(date) = HeaderValue::from_str(&http_date(app.sandbox.now())) {
+    // sandbox clock (skewed only on request); hyper only adds its wall-clock
+    // Date when none is set.
+    if let Ok(date) = HeaderValue::from_str(&http_date(app.sandbox.date_header_time())) {
         headers.insert(header::DATE, date);
     }
     if let Some((used, max, _)) = usage

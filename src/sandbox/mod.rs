@@ -5,9 +5,9 @@
 //! nightjar's client (own serde structs, own CSV writer), so a misreading of
 //! the protocol on one side is caught by the other. It keeps its own clock,
 //! which starts at the real time and then moves only when told to; record
-//! timestamps, job dates and the HTTP `Date` header all come from it, so
-//! tests can script "time passes, records change, the next incremental run
-//! picks them up" without sleeping.
+//! timestamps, job dates and the HTTP `Date` header (unless a clock-skew
+//! fault is in force) all come from it, so tests can script "time passes,
+//! records change, the next incremental run picks them up" without sleeping.
 
 mod admin;
 mod csv_out;
@@ -502,6 +502,7 @@ impl Sandbox {
                 state.api_request_limit = max;
                 state.api_requests = used;
             }
+            Fault::ClockSkew { by } => state.faults.set_date_skew(by),
         }
     }
 
@@ -510,7 +511,7 @@ impl Sandbox {
         self.lock().faults.add(rule);
     }
 
-    /// Removes every request-level fault not yet spent.
+    /// Removes every request-level fault not yet spent, and any clock skew.
     pub fn clear_faults(&self) {
         self.lock().faults.clear();
     }

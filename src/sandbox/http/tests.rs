@@ -930,3 +930,52 @@ async fn repeat_locator_loops_on_the_same_page() {
     assert_eq!((body, header(&headers, "sforce-locator")), (second, third_locator.as_str()));
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn clock_skew_moves_the_date_header_only_and_clear_faults_ends_every_fault() {
+    let (sandbox, running, client, token, url) = completed_job(30, "SELECT Id, IsDeleted FROM Account").await;
+    let limits_url = format!("{}/services/data/{V}/limits", running.base_url());
+    let date = || {
+        let sent = client.get(&limits_url).bearer_auth(&token).send();
+        async move { sent.await.unwrap().headers()["date"].to_str().unwrap().to_owned() }
+    };
+    assert_eq!(date().await, "Thu, 01 Jan 2026 00:00:00 GMT");
+
+    sandbox.add_faults("clock-skew:by=+3650d").unwrap();
+    assert_eq!(date().await, "Sun, 30 Dec 2035 00:00:00 GMT");
+    let token_response = client
+        .post(running.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "nightjar-sandbox"),
+            ("client_secret", "sandbox-secret"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token_response.headers()["date"], "Sun, 30 Dec 2035 00:00:00 GMT");
+    // Data and job dates keep the sandbox clock.
+    assert_eq!(sandbox.now(), new_year());
+    let created: Json =
+        create(&client, &running, &token, json!({"operation": "query", "query": "SELECT Id FROM Account"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(created["createdDate"], "2026-01-01T00:00:00.000+0000");
+    sandbox.add_faults("clock-skew:by=-1d").unwrap();
+    assert_eq!(date().await, "Wed, 31 Dec 2025 00:00:00 GMT", "a new skew replaces the old");
+
+    let (_, good) = wire_page(&client, &url, &token, 10, None, false).await;
+    sandbox
+        .add_faults(
+            "end-early:times=9;bad-page:times=9;truncate:at=5,times=9;truncate-wire:at=5,times=9;repeat-locator",
+        )
+        .unwrap();
+    sandbox.clear_faults();
+    assert_eq!(date().await, "Thu, 01 Jan 2026 00:00:00 GMT");
+    let (headers, body) = wire_page(&client, &url, &token, 10, None, false).await;
+    assert_eq!(body, good);
+    assert_eq!(header(&headers, "sforce-locator"), "MTA");
+    running.shutdown().await;
+}
