@@ -10,8 +10,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::commands::history_table;
-use crate::config::{Connection, EnvString, Project, Secret};
-use crate::run::{RunError, RunReport, run_job};
+use crate::config::{Connection, Project, Secret, TargetKind};
+use crate::outcome::Trigger;
+use crate::run::{Engine, RunError, RunReport, run_job};
 use crate::sandbox::{Sandbox, SandboxConfig, SandboxError};
 use crate::state::{HistoryFilter, RunStatus, StateError, StateStore};
 
@@ -50,11 +51,16 @@ pub struct DemoSummary {
     pub deleted_ids: Vec<String>,
 }
 
-pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write) -> Result<DemoSummary, DemoError> {
+pub async fn run_demo(
+    engine: &Engine,
+    project: &Project,
+    state: &StateStore,
+    out: &mut dyn Write,
+) -> Result<DemoSummary, DemoError> {
     if project.jobs.is_empty() {
         return Err(DemoError::NoJobs);
     }
-    let objects: BTreeSet<String> = project.jobs.values().map(|j| j.spec.source.object.get_ref().clone()).collect();
+    let objects: BTreeSet<String> = project.jobs.values().map(|j| j.source.object.clone()).collect();
 
     // The sandbox accepts the credentials the example connection is
     // configured with, so the demo exercises the real login path.
@@ -62,8 +68,7 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
         objects: objects.iter().map(|o| (o.clone(), DEMO_RECORDS)).collect(),
         ..SandboxConfig::default()
     };
-    let source_connections: BTreeSet<String> =
-        project.jobs.values().map(|j| j.spec.source.connection.get_ref().clone()).collect();
+    let source_connections: BTreeSet<String> = project.jobs.values().map(|j| j.source.connection.clone()).collect();
     if let Some(Connection::Salesforce(sf)) = source_connections.iter().next().and_then(|c| project.connection(c)) {
         sandbox_config.client_id = sf.client_id.expose().to_string();
         if let Some(secret) = &sf.client_secret {
@@ -83,10 +88,8 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     // Point every Salesforce source at the in-process sandbox.
     let mut project = project.clone();
     for name in &source_connections {
-        if let Some(conn) = project.global.connections.get_mut(name)
-            && let Connection::Salesforce(sf) = conn.get_mut()
-        {
-            sf.login_url = EnvString(running.base_url().to_string());
+        if let Some(Connection::Salesforce(sf)) = project.connections.get_mut(name) {
+            sf.login_url = running.base_url().to_string();
             sf.client_id = Secret::new(sandbox_config.client_id.clone());
             sf.client_secret = Some(Secret::new(sandbox_config.client_secret.clone()));
         }
@@ -94,16 +97,12 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
 
     // Start from an empty warehouse so every demo prints the same story.
     for job in project.jobs.values() {
-        state.clear_watermark(&job.name)?;
-        if let Some(Connection::Sqlite(c)) = project.connection(job.spec.target.connection.get_ref()) {
-            let path = project.resolve(c.path.as_str());
-            if path.exists() {
-                let conn = rusqlite::Connection::open(&path)?;
-                conn.execute(
-                    &format!("DROP TABLE IF EXISTS {}", crate::load::quote_ident(job.spec.target.table.get_ref())),
-                    [],
-                )?;
-            }
+        state.clear_watermark(&job.name).await?;
+        if let TargetKind::Sqlite { path, table } = &job.target.kind
+            && path.exists()
+        {
+            let conn = rusqlite::Connection::open(path)?;
+            conn.execute(&format!("DROP TABLE IF EXISTS {}", crate::load::quote_ident(table)), [])?;
         }
     }
 
@@ -111,10 +110,10 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     // let an hour pass so all of it has settled.
     sandbox.advance_clock(Duration::from_secs(3600));
     let first_id =
-        state.history(&HistoryFilter { limit: Some(1), ..Default::default() })?.first().map_or(0, |r| r.id) + 1;
+        state.history(HistoryFilter { limit: Some(1), ..Default::default() }).await?.first().map_or(0, |r| r.id) + 1;
 
     writeln!(out, "\nfirst run: full extract of every job")?;
-    let first = run_all(&project, state, out).await?;
+    let first = run_all(engine, &project, state, out).await?;
 
     let object = objects.iter().next().cloned().unwrap_or_default();
     let updated_ids = sandbox.update_records(&object, DEMO_UPDATES)?;
@@ -128,7 +127,7 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
         .take(DEMO_DELETES)
         .collect();
     sandbox.delete_records(&object, &deleted_ids)?;
-    let settle = project.jobs.values().map(|j| j.spec.source.settle).max().unwrap_or_default();
+    let settle = project.jobs.values().map(|j| j.source.settle).max().unwrap_or_default();
     sandbox.advance_clock(settle + Duration::from_secs(60));
     writeln!(
         out,
@@ -137,18 +136,23 @@ pub async fn run_demo(project: &Project, state: &StateStore, out: &mut dyn Write
     )?;
 
     writeln!(out, "\nsecond run: incremental, only what changed since the watermark")?;
-    let second = run_all(&project, state, out).await?;
+    let second = run_all(engine, &project, state, out).await?;
 
-    let runs = state.history(&HistoryFilter { min_id: Some(first_id), ..Default::default() })?;
+    let runs = state.history(HistoryFilter { min_id: Some(first_id), ..Default::default() }).await?;
     writeln!(out, "\nhistory (nightjar history):\n{}", history_table(&runs))?;
     running.shutdown().await;
     Ok(DemoSummary { first, second, updated_ids, inserted_ids, deleted_ids })
 }
 
-async fn run_all(project: &Project, state: &StateStore, out: &mut dyn Write) -> Result<Vec<RunReport>, DemoError> {
+async fn run_all(
+    engine: &Engine,
+    project: &Project,
+    state: &StateStore,
+    out: &mut dyn Write,
+) -> Result<Vec<RunReport>, DemoError> {
     let mut reports = Vec::new();
     for name in project.jobs.keys() {
-        let report = run_job(project, state, name, "demo").await?;
+        let report = run_job(engine, project, state, name, Trigger::Demo).await?;
         if report.status != RunStatus::Succeeded {
             return Err(DemoError::RunFailed {
                 run: report.run_id,

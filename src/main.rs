@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use nightjar::commands::{history_table, run_details};
 use nightjar::config::{ConfigError, Project};
-use nightjar::run::{RunError, recover_abandoned, run_job};
+use nightjar::outcome::Trigger;
+use nightjar::run::{Engine, RunError, recover_abandoned, run_job};
 use nightjar::sandbox::{Sandbox, SandboxConfig};
 use nightjar::state::{HistoryFilter, OutboxFilter, OutboxStatus, RunStatus, StateStore};
 
@@ -211,7 +212,7 @@ async fn alerts_command(
         }
         Some(AlertsAction::Send) => {
             let project = Project::load(config)?;
-            let state = open_state(state_path, Some(&project))?;
+            let state = open_state(state_path, Some(&project)).await?;
             let mailer = nightjar::alert::mailer(&project)?;
             let policy = nightjar::alert::RetryPolicy::default();
             let done = nightjar::alert::deliver_pending_now(&state, &mailer, &policy).await?;
@@ -223,7 +224,7 @@ async fn alerts_command(
         }
         None => {
             let project = if state_path.is_none() { Some(Project::load(config)?) } else { None };
-            let state = open_state(state_path, project.as_ref())?;
+            let state = open_state(state_path, project.as_ref()).await?;
             let status = match status {
                 Some(s) => Some(
                     OutboxStatus::parse(&s)
@@ -231,7 +232,7 @@ async fn alerts_command(
                 ),
                 None => None,
             };
-            let entries = state.outbox(&OutboxFilter { job, status, limit: Some(limit) })?;
+            let entries = state.outbox(OutboxFilter { job, status, limit: Some(limit) }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else if entries.is_empty() {
@@ -247,7 +248,19 @@ async fn alerts_command(
 /// After `nightjar run`: one delivery try for what the runs queued; what
 /// fails stays in the outbox for the next sender (`serve`, `alerts send`).
 async fn deliver_alerts_once(project: &Project, state: &StateStore) {
-    match nightjar::alert::deliver_once(project, state).await {
+    // Each send is bounded by the [smtp] timeout; the pass as a whole too,
+    // so a black-holed SMTP server delays `run`'s exit by one timeout at
+    // most. What is not sent stays in the outbox.
+    let bound =
+        project.smtp.as_ref().map_or(std::time::Duration::ZERO, |s| s.timeout) + std::time::Duration::from_secs(2);
+    let pass = tokio::time::timeout(bound, nightjar::alert::deliver_once(project, state)).await;
+    let Ok(pass) = pass else {
+        eprintln!(
+            "alerts: the SMTP server did not answer in time; the email(s) stay in the outbox, see `nightjar alerts`"
+        );
+        return;
+    };
+    match pass {
         Ok(Some(done)) if done.retrying + done.given_up > 0 => eprintln!(
             "alerts: {} email(s) not sent yet ({}); they stay in the outbox, see `nightjar alerts`",
             done.retrying + done.given_up,
@@ -266,13 +279,15 @@ struct RunProgress {
 }
 
 impl RunProgress {
-    fn install() -> std::sync::Arc<RunProgress> {
+    fn new() -> std::sync::Arc<RunProgress> {
         use std::io::IsTerminal;
-        let progress =
-            std::sync::Arc::new(RunProgress { tty: std::io::stderr().is_terminal(), bars: Default::default() });
-        let sink = progress.clone();
-        nightjar::run::report_progress_to(Box::new(move |job, pages, rows| sink.update(job, pages, rows)));
-        progress
+        std::sync::Arc::new(RunProgress { tty: std::io::stderr().is_terminal(), bars: Default::default() })
+    }
+
+    /// The engine's progress sink, drawing on this.
+    fn sink(self: &std::sync::Arc<Self>) -> std::sync::Arc<nightjar::run::ProgressSink> {
+        let progress = self.clone();
+        std::sync::Arc::new(move |job: &str, pages: u64, rows: u64| progress.update(job, pages, rows))
     }
 
     fn update(&self, job: &str, pages: u64, rows: u64) {
@@ -310,13 +325,13 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn open_state(cli_state: &Option<PathBuf>, project: Option<&Project>) -> Result<StateStore> {
+async fn open_state(cli_state: &Option<PathBuf>, project: Option<&Project>) -> Result<StateStore> {
     let path = match (cli_state, project) {
         (Some(p), _) => p.clone(),
-        (None, Some(project)) => project.resolve(project.global.state.path.as_str()),
+        (None, Some(project)) => project.state_path.clone(),
         (None, None) => PathBuf::from("state/nightjar.db"),
     };
-    Ok(StateStore::open(&path)?)
+    Ok(StateStore::open(&path).await?)
 }
 
 /// `--since`: an RFC 3339 time, a UTC date, or a duration back from `now`.
@@ -328,10 +343,12 @@ fn parse_since(s: &str, now: chrono::DateTime<chrono::Utc>) -> Result<chrono::Da
         return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
     }
     let ago = humantime::parse_duration(s)
-        .ok()
-        .and_then(|d| chrono::Duration::from_std(d).ok())
         .with_context(|| format!("--since `{s}`: use an RFC 3339 time, a date (2026-01-01) or a duration (24h, 7d)"))?;
-    Ok(now - ago)
+    // Far enough back means "everything"; never an overflow.
+    Ok(chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| now.checked_sub_signed(ago))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
@@ -351,8 +368,8 @@ async fn shutdown_signal() {
 }
 
 /// Closes runs a dead process left `running` before new ones start.
-async fn recover(project: &Project, state: &StateStore) -> Result<()> {
-    let closed = recover_abandoned(project, state).await?;
+async fn recover(engine: &Engine, project: &Project, state: &StateStore) -> Result<()> {
+    let closed = recover_abandoned(engine, project, state).await?;
     if !closed.is_empty() {
         let ids: Vec<String> = closed.iter().map(|id| id.to_string()).collect();
         eprintln!("marked run(s) {} abandoned: their process is gone (see `nightjar show RUN`)", ids.join(", "));
@@ -364,12 +381,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate { online } => {
             let project = Project::load(&cli.config)?;
-            if let Err(e) = nightjar::run::schedules(&project) {
-                eprintln!("{e}");
-                return Ok(ExitCode::from(EXIT_CONFIG));
-            }
             if online {
-                let state = open_state(&cli.state, Some(&project)).ok();
+                let state = open_state(&cli.state, Some(&project)).await.ok();
                 let diags = nightjar::salesforce::validate_online(&project, state.as_ref()).await?;
                 if !diags.is_empty() {
                     return Err(ConfigError::Invalid(diags).into());
@@ -385,23 +398,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { jobs, all } => {
             let project = Project::load(&cli.config)?;
-            let state = open_state(&cli.state, Some(&project))?;
-            let names: Vec<String> = if all {
-                project.jobs.values().filter(|j| j.spec.enabled).map(|j| j.name.clone()).collect()
-            } else {
-                jobs
-            };
+            let state = open_state(&cli.state, Some(&project)).await?;
+            let names: Vec<String> =
+                if all { project.jobs.values().filter(|j| j.enabled).map(|j| j.name.clone()).collect() } else { jobs };
             if names.is_empty() {
                 anyhow::bail!("name at least one job, or pass --all");
             }
             for name in &names {
                 project.job(name)?;
             }
-            recover(&project, &state).await?;
-            let progress = RunProgress::install();
+            let progress = RunProgress::new();
+            let engine = Engine::new().with_progress(progress.sink());
+            recover(&engine, &project, &state).await?;
             let mut failed = false;
             for name in &names {
-                let outcome = run_job(&project, &state, name, "manual").await;
+                let outcome = run_job(&engine, &project, &state, name, Trigger::Manual).await;
                 progress.finish(name);
                 let report = match outcome {
                     Ok(report) => report,
@@ -429,20 +440,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { grace } => {
             let project = Project::load(&cli.config)?;
-            let state = open_state(&cli.state, Some(&project))?;
+            let state = open_state(&cli.state, Some(&project)).await?;
             let grace = grace.unwrap_or(nightjar::run::SHUTDOWN_GRACE);
             eprintln!(
                 "serve: running {} scheduled job(s); SIGTERM or Ctrl-C stops",
-                nightjar::run::schedules(&project)?.len()
+                nightjar::run::schedules(&project).len()
             );
-            let (project, state) = (std::sync::Arc::new(project), std::sync::Arc::new(state));
-            nightjar::run::serve(project, state, Some(cli.config.clone()), grace, shutdown_signal()).await?;
+            let engine = std::sync::Arc::new(Engine::new());
+            let project = std::sync::Arc::new(project);
+            nightjar::run::serve(engine, project, state, Some(cli.config.clone()), grace, shutdown_signal()).await?;
             eprintln!("serve: stopped");
             Ok(ExitCode::SUCCESS)
         }
         Command::History { job, status, since, limit, json } => {
             let project = if cli.state.is_none() { Some(Project::load(&cli.config)?) } else { None };
-            let state = open_state(&cli.state, project.as_ref())?;
+            let state = open_state(&cli.state, project.as_ref()).await?;
             let status = match status {
                 Some(s) => Some(RunStatus::parse(&s).with_context(|| {
                     format!("unknown status `{s}`; use running, succeeded, failed, cancelled or abandoned")
@@ -450,7 +462,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 None => None,
             };
             let since = since.as_deref().map(|s| parse_since(s, chrono::Utc::now())).transpose()?;
-            let runs = state.history(&HistoryFilter { job, status, limit: Some(limit), min_id: None, since })?;
+            let runs = state.history(HistoryFilter { job, status, limit: Some(limit), min_id: None, since }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else if runs.is_empty() {
@@ -462,10 +474,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Show { run, rejects, json } => {
             let project = if cli.state.is_none() { Some(Project::load(&cli.config)?) } else { None };
-            let state = open_state(&cli.state, project.as_ref())?;
-            let record = state.run(run)?.with_context(|| format!("no run {run}; `nightjar history` lists runs"))?;
-            let rejected = if rejects { Some(state.rejects(run)?) } else { None };
-            let steps = state.steps(run)?;
+            let state = open_state(&cli.state, project.as_ref()).await?;
+            let record =
+                state.run(run).await?.with_context(|| format!("no run {run}; `nightjar history` lists runs"))?;
+            let rejected = if rejects { Some(state.rejects(run).await?) } else { None };
+            let steps = state.steps(run).await?;
             if json {
                 #[derive(serde::Serialize)]
                 struct Shown<'a> {
@@ -483,9 +496,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Watermark { job, set, clear } => {
             let project = Project::load(&cli.config)?;
             project.job(&job)?;
-            let state = open_state(&cli.state, Some(&project))?;
+            let state = open_state(&cli.state, Some(&project)).await?;
             if set.is_none() && !clear {
-                match state.watermark(&job)? {
+                match state.watermark(&job).await? {
                     Some(wm) => println!("{job}: {}", nightjar::state::ts(wm)),
                     None => println!("{job}: no watermark (the next run extracts everything)"),
                 }
@@ -502,15 +515,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             // Moving the watermark under a run in flight would be overwritten
             // by that run's commit, or skew its window: hold the job's lock.
             let now = chrono::Utc::now();
-            let _lock = match state.try_lock_job(&job, now)? {
+            let lock = match state.try_lock_job(&job, now).await? {
                 Ok(lock) => lock,
                 Err(holder) => {
                     eprintln!("watermark {job}: not changed — {holder}");
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            let before = state.watermark(&job)?;
-            let entry = state.set_watermark_manually(&job, value, now)?;
+            let before = state.watermark(&job).await?;
+            let entry = state.set_watermark_manually(&job, value, now).await?;
+            lock.release().await?;
             let show =
                 |w: Option<chrono::DateTime<chrono::Utc>>| w.map_or_else(|| "(none)".into(), nightjar::state::ts);
             println!("{job}: watermark {} -> {} (history entry {entry})", show(before), show(value));
@@ -551,7 +565,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { connection } => {
             let project = Project::load(&cli.config)?;
-            let state = open_state(&cli.state, Some(&project)).ok();
+            let state = open_state(&cli.state, Some(&project)).await.ok();
             let report = nightjar::salesforce::check(&project, connection.as_deref(), state.as_ref()).await;
             for line in &report.lines {
                 println!("{line}");
@@ -563,17 +577,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(nightjar::config::Connection::Salesforce(conn)) = project.connection(&connection) else {
                 anyhow::bail!("no Salesforce connection named `{connection}` in {}", cli.config.display());
             };
-            let state = open_state(&cli.state, Some(&project))?;
+            let state = open_state(&cli.state, Some(&project)).await?;
             let outcome = nightjar::salesforce::login_with_browser(&connection, conn, port, |url| {
                 eprintln!("Open this URL in a browser and log in to `{connection}`:\n\n  {url}\n");
             })
             .await?;
-            state.store_refresh_token(
-                &connection,
-                &outcome.refresh_token,
-                &outcome.instance_url,
-                chrono::Utc::now(),
-            )?;
+            state
+                .store_refresh_token(
+                    &connection,
+                    outcome.refresh_token.clone(),
+                    &outcome.instance_url,
+                    chrono::Utc::now(),
+                )
+                .await?;
             eprintln!(
                 "logged in to `{connection}` ({}); the refresh token is stored in {} (mode 0600)",
                 outcome.instance_url,
@@ -583,9 +599,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo => {
             let project = Project::load(&cli.config)?;
-            let state = open_state(&cli.state, Some(&project))?;
+            let state = open_state(&cli.state, Some(&project)).await?;
             let mut out = std::io::stdout();
-            nightjar::demo::run_demo(&project, &state, &mut out).await?;
+            nightjar::demo::run_demo(&Engine::new(), &project, &state, &mut out).await?;
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }

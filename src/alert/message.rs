@@ -7,63 +7,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::run::Window;
+use crate::outcome::ErrorClass;
 use crate::state::{AlertKind, LastSuccess, RunCounts, RunId, ts};
+use crate::window::Window;
 
 use super::ErrorDetail;
 
-/// The one-line remedy for an error class (`RunError::class()`).
-pub fn remedy(class: &str) -> &'static str {
-    match class {
-        "auth" => {
-            "Salesforce refused the login: check the connection's client_id and client_secret (or key and username), and that the connected app allows this OAuth flow for the integration user."
-        }
-        "api_limit" => {
-            "The org's API request limit is used up: it recovers over a rolling 24 hours, so run again later, or reduce what other integrations spend."
-        }
-        "permission" => {
-            "The integration user lacks a permission: grant API Enabled and read access to the object and its fields (profile or permission set), then run again."
-        }
-        "query_timeout" => {
-            "The Salesforce query ran too long: run more often (smaller windows) or add a selective `where` on an indexed field, then run again."
-        }
-        "schema_drift" => {
-            "The Salesforce object, the mapping and the target table no longer agree: compare the job's `fields` and mapping with both, fix the odd one out (or set `schema_evolution = \"add_columns\"`), then run again."
-        }
-        "target_constraint" => {
-            "The target refused the rows (constraint, trigger or lock): fix the table or the mapping's key and required columns, then run again; nothing was committed."
-        }
-        "data_rejects" => {
-            "More rows were rejected than `max_reject_ratio` allows: see `nightjar show RUN --rejects`, fix the source data or the mapping, then run again."
-        }
-        "network" => {
-            "A host could not be reached: check DNS, firewalls and proxies and the connection's URL; the next run will try again."
-        }
-        "timeout" => {
-            "The run took longer than the job's `timeout`: raise `timeout`, or run more often so each window is smaller."
-        }
-        "abandoned" => {
-            "The process running this job died (killed, crashed, or the machine restarted) before the run closed: the target and the watermark are as before the run, and the next run covers the window again."
-        }
-        "config" => "The job's configuration is invalid: run `nightjar validate` and fix what it reports.",
-        "transform" => {
-            "The mapping could not be applied: check the mapping file with `nightjar validate`, then run again."
-        }
-        "target" => "The target could not be written: check the target connection and table, then run again.",
-        "protocol" => {
-            "Salesforce answered in an unexpected way: run again; if it repeats, report it with the output of `nightjar show RUN`."
-        }
-        "salesforce" => {
-            "Salesforce reported an error: act on its error code and message above (often the job's `where` or fields), then run again."
-        }
-        "state" => "nightjar's state DB failed: check the disk space and permissions of the state path.",
-        _ => "Read the error above and `nightjar show RUN` for details.",
-    }
-}
-
 /// The remedy as a mail about `run` prints it.
-pub fn remedy_for(class: &str, run: RunId) -> String {
-    remedy(class).replace("RUN", &run.to_string())
+pub fn remedy_for(class: Option<ErrorClass>, run: RunId) -> String {
+    match class {
+        Some(class) => class.remedy().replace("RUN", &run.to_string()),
+        None => format!("Read the error above and `nightjar show {run}` for details."),
+    }
 }
 
 /// Everything a run alert shows.
@@ -197,8 +152,8 @@ fn link(f: &Facts<'_>) -> Option<String> {
 
 /// A failure-kind alert (failed, abandoned, timed out, skipped).
 pub fn failure(f: &Facts<'_>) -> Rendered {
-    let class = f.error.map(|e| e.class.as_str()).unwrap_or("unknown");
-    let subject = format!("[nightjar] {} {} — {}", verb(f.kind), f.job, class);
+    let class_name = f.error.map(|e| e.class.as_str()).unwrap_or("unknown");
+    let subject = format!("[nightjar] {} {} — {}", verb(f.kind), f.job, class_name);
     let what = match f.kind {
         AlertKind::Abandoned => "was abandoned (its process died while it ran)",
         AlertKind::TimedOut => "timed out",
@@ -206,8 +161,8 @@ pub fn failure(f: &Facts<'_>) -> Rendered {
         _ => "failed",
     };
     let mut rows = vec![
-        ("Error class", class.to_string()),
-        ("What to do", remedy_for(class, f.run)),
+        ("Error class", class_name.to_string()),
+        ("What to do", remedy_for(f.error.map(|e| e.class), f.run)),
         ("Error", f.error.map(|e| e.message.clone()).unwrap_or_else(|| "(no error message)".into())),
         ("Job", f.job.to_string()),
         ("Run", f.run.to_string()),
@@ -329,7 +284,7 @@ mod tests {
     fn failure_mail_names_class_remedy_salesforce_details_and_link_in_both_parts() {
         let counts = RunCounts { extracted: 7, pages: 1, ..Default::default() };
         let error = ErrorDetail {
-            class: "query_timeout".into(),
+            class: ErrorClass::QueryTimeout,
             message: "Salesforce query job 750X failed: <timed out>".into(),
             salesforce: Some(SalesforceDetail {
                 code: None,
@@ -348,32 +303,5 @@ mod tests {
             assert!(part.contains("6h"), "{part}");
         }
         assert!(mail.html.contains("&lt;timed out&gt;") && !mail.html.contains("<timed out>"));
-    }
-
-    #[test]
-    fn every_class_the_pipeline_produces_has_its_own_remedy() {
-        let classes = [
-            "auth",
-            "api_limit",
-            "permission",
-            "query_timeout",
-            "schema_drift",
-            "target_constraint",
-            "data_rejects",
-            "network",
-            "config",
-            "transform",
-            "target",
-            "protocol",
-            "salesforce",
-            "state",
-            "timeout",
-        ];
-        let fallback = remedy("no such class");
-        let mut seen = std::collections::HashSet::new();
-        for class in classes {
-            assert_ne!(remedy(class), fallback, "{class}");
-            assert!(seen.insert(remedy(class)), "{class} shares a remedy");
-        }
     }
 }

@@ -15,20 +15,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-use rusqlite::Connection;
 use thiserror::Error;
 
-pub use message::{Facts, Rendered, escape, remedy, remedy_for};
+pub use message::{Facts, Rendered, escape, remedy_for};
 pub use rules::{Mail, Outcome, Policy, decide};
 pub use send::{Delivery, Mailer, RetryPolicy, deliver_due, deliver_pending_now, run_sender};
 
-use crate::config::{AlertOn, Connection as ConfigConnection, Job, Project};
-use crate::run::{RunError, Window};
-use crate::salesforce::SalesforceError;
+use crate::config::{Connection, JobPlan, Project};
+use crate::outcome::ErrorClass;
 use crate::state::{
     AlertKind, NewAlert, OutboxEntry, RunCounts, RunId, StateError, StateStore, alert_streak, last_success,
     put_alert_streak, queue_alert,
 };
+use crate::window::Window;
 
 #[derive(Debug, Error)]
 pub enum AlertError {
@@ -65,19 +64,18 @@ pub fn redact<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> Str
 
 /// Every secret value in the configuration.
 pub fn known_secrets(project: &Project) -> Vec<String> {
-    let g = &project.global;
     let mut out = Vec::new();
-    for conn in g.connections.values() {
-        match conn.get_ref() {
-            ConfigConnection::Salesforce(sf) => {
+    for conn in project.connections.values() {
+        match conn {
+            Connection::Salesforce(sf) => {
                 out.extend(sf.client_secret.iter().chain(&sf.refresh_token).map(|s| s.expose().to_string()))
             }
-            ConfigConnection::Postgres(pg) => out.push(pg.url.expose().to_string()),
+            Connection::Postgres { url } => out.push(url.expose().to_string()),
             _ => {}
         }
     }
-    out.extend(g.smtp.iter().filter_map(|s| s.password.as_ref()).map(|p| p.expose().to_string()));
-    out.extend(g.server.iter().filter_map(|s| s.trigger_token.as_ref()).map(|t| t.expose().to_string()));
+    out.extend(project.smtp.iter().filter_map(|s| s.password.as_ref()).map(|p| p.expose().to_string()));
+    out.extend(project.server.trigger_token.iter().map(|t| t.expose().to_string()));
     out
 }
 
@@ -92,90 +90,38 @@ pub struct SalesforceDetail {
 /// A run's error, as an alert shows it.
 #[derive(Debug, Clone)]
 pub struct ErrorDetail {
-    pub class: String,
+    pub class: ErrorClass,
     pub message: String,
     pub salesforce: Option<SalesforceDetail>,
 }
 
-impl ErrorDetail {
-    pub fn from_run_error(e: &RunError) -> ErrorDetail {
-        let salesforce = match e {
-            RunError::Salesforce(sf) => salesforce_detail(sf),
-            _ => None,
-        };
-        ErrorDetail { class: e.class().to_string(), message: e.to_string(), salesforce }
-    }
-}
-
-fn salesforce_detail(e: &SalesforceError) -> Option<SalesforceDetail> {
-    match e {
-        SalesforceError::Api { error_code, message, job_id, .. } => {
-            Some(SalesforceDetail { code: Some(error_code.clone()), message: message.clone(), job_id: job_id.clone() })
-        }
-        SalesforceError::JobFailed { job_id, message } => {
-            Some(SalesforceDetail { code: None, message: message.clone(), job_id: Some(job_id.clone()) })
-        }
-        SalesforceError::JobAborted { job_id } => Some(SalesforceDetail {
-            code: None,
-            message: "the query job was aborted in the org".into(),
-            job_id: Some(job_id.clone()),
-        }),
-        SalesforceError::Auth { error, description, .. } => {
-            Some(SalesforceDetail { code: Some(error.clone()), message: description.clone(), job_id: None })
-        }
-        SalesforceError::GaveUp { last, .. } => salesforce_detail(last),
-        _ => None,
-    }
-}
-
-impl Outcome {
-    /// The outcome of a run that ended with `result`, as its last attempt.
-    pub fn of<T>(result: &Result<T, RunError>) -> Outcome {
-        match result {
-            Ok(_) => Outcome::Succeeded,
-            Err(RunError::Salesforce(SalesforceError::ApiBudgetLow { .. })) => Outcome::SkippedBudget,
-            Err(RunError::TimedOut(_)) => Outcome::TimedOut,
-            Err(RunError::Cancelled) => Outcome::Cancelled,
-            // The caller knows whether retries are left (`run_job_attempt`).
-            Err(_) => Outcome::Failed { last_attempt: true },
-        }
-    }
-}
-
 /// A job's alert settings, resolved from `[alerts]`, the job's `[alerts]` and `[server]`.
 #[derive(Debug, Clone)]
-pub struct AlertSettings {
+pub struct JobAlerts {
     pub recipients: Vec<String>,
     pub policy: Policy,
     pub public_url: Option<String>,
     pub secrets: Vec<String>,
 }
 
-impl AlertSettings {
-    pub fn for_job(project: &Project, job: &Job) -> AlertSettings {
-        let global = project.global.alerts.clone().unwrap_or_default();
+impl JobAlerts {
+    pub fn for_job(project: &Project, job: &JobPlan) -> JobAlerts {
+        let global = &project.alerts;
         let mut recipients: Vec<String> = Vec::new();
-        let job_emails = job.spec.alerts.iter().flat_map(|a| &a.email);
-        for address in global.email.iter().chain(job_emails) {
-            let address = address.get_ref().as_str().trim().to_string();
+        for address in global.email.iter().chain(&job.alert_emails) {
+            let address = address.trim().to_string();
             if !address.is_empty() && !recipients.contains(&address) {
                 recipients.push(address);
             }
         }
-        AlertSettings {
+        JobAlerts {
             recipients,
             policy: Policy {
-                on_failure: global.on.contains(&AlertOn::Failure),
-                on_recovery: global.on.contains(&AlertOn::Recovery),
+                on_failure: global.on_failure,
+                on_recovery: global.on_recovery,
                 repeat_after: global.repeat_after,
             },
-            public_url: project
-                .global
-                .server
-                .as_ref()
-                .and_then(|s| s.public_url.as_ref())
-                .map(|u| u.as_str().to_string())
-                .filter(|u| !u.is_empty()),
+            public_url: project.server.public_url.clone(),
             secrets: known_secrets(project),
         }
     }
@@ -200,8 +146,8 @@ pub struct RunFacts<'a> {
 /// inside the transaction that closes the run
 /// ([`StateStore::finish_run_with`]). Returns the outbox id when queued.
 pub fn queue_for_run(
-    conn: &Connection,
-    settings: &AlertSettings,
+    conn: &rusqlite::Connection,
+    settings: &JobAlerts,
     facts: &RunFacts<'_>,
 ) -> Result<Option<i64>, StateError> {
     let streak = alert_streak(conn, facts.job)?;
@@ -246,7 +192,7 @@ pub fn queue_for_run(
         job: facts.job.to_string(),
         run_id: Some(facts.run),
         kind: mail.kind,
-        error_class: facts.error.as_ref().map(|e| e.class.clone()),
+        error_class: facts.error.as_ref().map(|e| e.class.as_str().to_string()),
         failures: mail.failures,
         recipients: settings.recipients.clone(),
         subject: clean(&rendered.subject),
@@ -260,18 +206,14 @@ pub fn queue_for_run(
 
 /// The `[smtp]` mailer, if configured.
 pub fn mailer(project: &Project) -> Result<Mailer, AlertError> {
-    Mailer::new(project.global.smtp.as_ref().ok_or(AlertError::NoSmtp)?)
+    Mailer::new(project.smtp.as_ref().ok_or(AlertError::NoSmtp)?)
 }
 
 /// Sends a test email straight away (not through the outbox), to `to` or
 /// else to `[alerts].email`.
 pub async fn send_test(project: &Project, to: &[String]) -> Result<Vec<String>, AlertError> {
     let mailer = mailer(project)?;
-    let recipients: Vec<String> = if to.is_empty() {
-        project.global.alerts.iter().flat_map(|a| &a.email).map(|e| e.get_ref().as_str().to_string()).collect()
-    } else {
-        to.to_vec()
-    };
+    let recipients: Vec<String> = if to.is_empty() { project.alerts.email.clone() } else { to.to_vec() };
     let mail = message::test_mail(mailer.host(), mailer.port(), mailer.security(), Utc::now());
     mailer.send(&recipients, &mail.subject, &mail.text, &mail.html).await?;
     Ok(recipients)
@@ -313,7 +255,7 @@ pub fn outbox_table(entries: &[OutboxEntry]) -> String {
 /// `nightjar run`'s single delivery pass: one try per due alert, the rest
 /// stays for the next sender. Returns `None` without `[smtp]`.
 pub async fn deliver_once(project: &Project, state: &StateStore) -> Result<Option<Delivery>, AlertError> {
-    if project.global.smtp.is_none() {
+    if project.smtp.is_none() {
         return Ok(None);
     }
     let mailer = mailer(project)?;

@@ -10,11 +10,9 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::{AlertError, redact};
-use crate::config::{Secret, SmtpConfig, SmtpSecurity};
+use crate::backoff::Backoff;
+use crate::config::{Secret, SmtpSecurity, SmtpSettings};
 use crate::state::StateStore;
-
-/// How long one SMTP conversation may take before it counts as failed.
-const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An SMTP client for the `[smtp]` settings.
 pub struct Mailer {
@@ -23,14 +21,18 @@ pub struct Mailer {
     host: String,
     port: u16,
     security: SmtpSecurity,
+    /// Bounds one whole conversation: lettre's own timeout covers the
+    /// socket's reads and writes but not every wait (a server that accepts
+    /// and never greets), so the send is also cut off from outside.
+    timeout: Duration,
     /// Kept to scrub it from any error text before it is stored or printed.
     password: Option<Secret>,
 }
 
 impl Mailer {
-    pub fn new(smtp: &SmtpConfig) -> Result<Mailer, AlertError> {
-        let host = smtp.host.as_str().trim().to_string();
-        let port = smtp.port.unwrap_or_else(|| smtp.security.default_port());
+    pub fn new(smtp: &SmtpSettings) -> Result<Mailer, AlertError> {
+        let host = smtp.host.clone();
+        let port = smtp.port;
         let builder = match smtp.security {
             SmtpSecurity::None => Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host)),
             SmtpSecurity::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host),
@@ -39,12 +41,11 @@ impl Mailer {
         let mut builder = builder
             .map_err(|e| AlertError::Config(format!("cannot set up TLS for `{host}`: {e}")))?
             .port(port)
-            .timeout(Some(SMTP_TIMEOUT));
+            .timeout(Some(smtp.timeout));
         if let (Some(user), Some(password)) = (&smtp.username, &smtp.password) {
-            builder = builder
-                .credentials(Credentials::new(user.get_ref().as_str().to_string(), password.expose().to_string()));
+            builder = builder.credentials(Credentials::new(user.clone(), password.expose().to_string()));
         }
-        let from = smtp.from.get_ref().as_str();
+        let from = smtp.from.as_str();
         let from: Mailbox = from
             .parse()
             .map_err(|e| AlertError::Config(format!("`from = \"{from}\"` is not an email address ({e})")))?;
@@ -54,6 +55,7 @@ impl Mailer {
             host,
             port,
             security: smtp.security,
+            timeout: smtp.timeout,
             password: smtp.password.clone(),
         })
     }
@@ -89,20 +91,28 @@ impl Mailer {
         let message = builder
             .multipart(MultiPart::alternative_plain_html(text.to_string(), html.to_string()))
             .map_err(|e| AlertError::Build(e.to_string()))?;
-        self.transport.send(message).await.map_err(|e| AlertError::Send {
-            server: format!("{}:{}", self.host, self.port),
-            message: redact(&e.to_string(), self.password.iter().map(Secret::expose)),
-        })?;
-        Ok(())
+        let server = format!("{}:{}", self.host, self.port);
+        match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
+            Ok(sent) => sent.map(drop).map_err(|e| AlertError::Send {
+                server,
+                message: redact(&e.to_string(), self.password.iter().map(Secret::expose)),
+            }),
+            Err(_) => Err(AlertError::Send {
+                server,
+                message: format!(
+                    "no complete answer within {} (connect, greeting, TLS and replies); the server may be overloaded or not speak SMTP on this port",
+                    humantime::format_duration(self.timeout)
+                ),
+            }),
+        }
     }
 }
 
 /// How the outbox sender retries.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Pause after the first failed attempt; it doubles per attempt, with jitter.
-    pub first_backoff: Duration,
-    pub max_backoff: Duration,
+    /// Pause after each failed attempt: doubling, with jitter.
+    pub backoff: Backoff,
     /// After this many attempts the alert is marked `failed` and left for a person.
     pub max_attempts: u32,
     /// How long a claimed alert is hidden from other senders while one tries it.
@@ -115,21 +125,12 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         // 48 attempts, at most 30 minutes apart: a day of SMTP outage loses nothing.
         RetryPolicy {
-            first_backoff: Duration::from_secs(30),
-            max_backoff: Duration::from_secs(30 * 60),
+            backoff: Backoff::new(Duration::from_secs(30), Duration::from_secs(30 * 60)),
             max_attempts: 48,
-            lease: SMTP_TIMEOUT * 4,
+            // Longer than one send may take (the [smtp] timeout is at most 10m).
+            lease: Duration::from_secs(15 * 60),
             batch: 50,
         }
-    }
-}
-
-impl RetryPolicy {
-    /// The pause after `attempts` failed attempts (1 = the first), jittered by up to ±20%.
-    pub fn backoff(&self, attempts: u32) -> Duration {
-        let doublings = attempts.saturating_sub(1).min(20);
-        let base = self.first_backoff.saturating_mul(1 << doublings).min(self.max_backoff);
-        base.mul_f64(0.8 + 0.4 * fastrand::f64())
     }
 }
 
@@ -167,10 +168,10 @@ async fn deliver(
 ) -> Result<Delivery, AlertError> {
     let clock = Utc::now;
     let mut report = Delivery::default();
-    for alert in state.claim_due_alerts(clock(), policy.lease, policy.batch, ignore_backoff)? {
+    for alert in state.claim_due_alerts(clock(), policy.lease, policy.batch, ignore_backoff).await? {
         match mailer.send(&alert.recipients, &alert.subject, &alert.body_text, &alert.body_html).await {
             Ok(()) => {
-                state.mark_alert_sent(alert.id, clock())?;
+                state.mark_alert_sent(alert.id, clock()).await?;
                 tracing::info!(alert = alert.id, job = %alert.job, kind = alert.kind.as_str(), "alert email sent");
                 report.sent += 1;
             }
@@ -179,8 +180,8 @@ async fn deliver(
                 let message = e.to_string();
                 let now = clock();
                 let retry_at = (attempts < policy.max_attempts)
-                    .then(|| now + chrono::Duration::from_std(policy.backoff(attempts)).unwrap_or_default());
-                state.mark_alert_attempt_failed(alert.id, now, &message, retry_at)?;
+                    .then(|| now + chrono::Duration::from_std(policy.backoff.delay(attempts)).unwrap_or_default());
+                state.mark_alert_attempt_failed(alert.id, now, &message, retry_at).await?;
                 match retry_at {
                     Some(at) => {
                         tracing::warn!(alert = alert.id, job = %alert.job, attempts, retry_at = %at, error = %message, "alert email not sent; will retry");
@@ -200,6 +201,8 @@ async fn deliver(
 
 /// The sender loop `serve` runs: a pass every `poll` until `stop` resolves.
 /// A state DB error is logged and the loop goes on; the next pass retries.
+/// `stop` ends a pass in the middle too: an alert claimed but not sent stays
+/// pending and is due again when its lease ends, so nothing is lost.
 pub async fn run_sender(
     state: &StateStore,
     mailer: &Mailer,
@@ -209,8 +212,13 @@ pub async fn run_sender(
 ) {
     tokio::pin!(stop);
     loop {
-        if let Err(e) = deliver_due(state, mailer, policy).await {
-            tracing::error!(error = %e, "alert sender pass failed");
+        tokio::select! {
+            _ = &mut stop => return,
+            pass = deliver_due(state, mailer, policy) => {
+                if let Err(e) = pass {
+                    tracing::error!(error = %e, "alert sender pass failed");
+                }
+            }
         }
         tokio::select! {
             _ = &mut stop => return,
@@ -222,47 +230,31 @@ pub async fn run_sender(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EnvString;
 
-    fn smtp(security: SmtpSecurity, port: Option<u16>) -> SmtpConfig {
-        SmtpConfig {
-            host: EnvString("smtp.example.com".into()),
+    fn smtp(security: SmtpSecurity, port: u16) -> SmtpSettings {
+        SmtpSettings {
+            host: "smtp.example.com".into(),
             port,
             security,
-            username: Some(toml::Spanned::new(0..0, EnvString("etl".into()))),
+            username: Some("etl".into()),
             password: Some(Secret::new("pw")),
-            from: toml::Spanned::new(0..0, EnvString("nightjar <etl@example.com>".into())),
+            from: "nightjar <etl@example.com>".into(),
+            timeout: Duration::from_secs(30),
         }
     }
 
     #[test]
-    fn every_security_mode_builds_a_mailer_with_its_default_port() {
-        for (security, port) in [(SmtpSecurity::None, 25), (SmtpSecurity::Starttls, 587), (SmtpSecurity::Tls, 465)] {
-            let mailer = Mailer::new(&smtp(security, None)).unwrap_or_else(|e| panic!("{security:?}: {e}"));
-            assert_eq!(mailer.port(), port);
+    fn every_security_mode_builds_a_mailer() {
+        for security in [SmtpSecurity::None, SmtpSecurity::Starttls, SmtpSecurity::Tls] {
+            let mailer = Mailer::new(&smtp(security, 2465)).unwrap_or_else(|e| panic!("{security:?}: {e}"));
+            assert_eq!(mailer.port(), 2465);
         }
-        assert_eq!(Mailer::new(&smtp(SmtpSecurity::Tls, Some(2465))).unwrap().port(), 2465);
     }
 
     #[test]
     fn a_bad_from_address_is_a_config_error() {
-        let mut config = smtp(SmtpSecurity::None, None);
-        config.from = toml::Spanned::new(0..0, EnvString("not an address".into()));
+        let mut config = smtp(SmtpSecurity::None, 25);
+        config.from = "not an address".into();
         assert!(matches!(Mailer::new(&config), Err(AlertError::Config(m)) if m.contains("not an address")));
-    }
-
-    #[test]
-    fn backoff_doubles_within_jitter_and_stops_at_the_cap() {
-        let p = RetryPolicy {
-            first_backoff: Duration::from_secs(10),
-            max_backoff: Duration::from_secs(60),
-            ..Default::default()
-        };
-        let within = |d: Duration, secs: f64| d.as_secs_f64() >= secs * 0.8 && d.as_secs_f64() <= secs * 1.2;
-        assert!(within(p.backoff(1), 10.0));
-        assert!(within(p.backoff(2), 20.0));
-        assert!(within(p.backoff(3), 40.0));
-        assert!(within(p.backoff(4), 60.0));
-        assert!(within(p.backoff(400), 60.0));
     }
 }

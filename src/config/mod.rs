@@ -1,25 +1,32 @@
 //! Configuration files: `nightjar.toml`, `jobs/*.toml`, `mappings/*.toml`.
 //!
-//! Loading parses every file and checks the whole set; every problem found
-//! is reported at once as `file:line:col: message`, so a data engineer fixes
-//! a batch of mistakes in one go instead of one per run.
+//! Loading parses every file, checks the whole set and compiles it into
+//! typed plans ([`Project`], [`JobPlan`]) that runtime code uses. Every
+//! problem found is reported at once as `file:line:col: message`, so a data
+//! engineer fixes a batch of mistakes in one go instead of one per run; the
+//! file model with its spans (`model.rs`) never leaves this module.
 
+mod check;
 mod interpolate;
 mod model;
+mod plan;
+mod schedule;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use polars::prelude::DataType;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 pub use interpolate::{EnvString, InterpolationError, Secret, interpolate_with};
-pub use model::*;
+pub use model::{AlertOn, AuthFlow, DeleteMode, FileFormat, SchemaEvolution, SmtpSecurity};
+pub use plan::*;
+pub use schedule::Schedule;
 
-use crate::transform::{ColumnType, SqlExpr};
+use model::{ConnectionFile, GlobalConfig, JobFile, MappingFile, SpannedDuration};
 
 /// One problem in one file, at a position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,33 +64,20 @@ impl ConfigError {
     }
 }
 
-/// A job with everything it refers to resolved.
+/// Where a loaded file lives, for `file:line:col` messages.
 #[derive(Debug, Clone)]
-pub struct Job {
-    pub name: String,
-    pub file: SourceFile,
-    pub spec: JobFile,
-    pub mapping_file: SourceFile,
-    pub mapping: MappingFile,
-}
-
-/// The whole configuration of one nightjar installation.
-#[derive(Debug, Clone)]
-pub struct Project {
-    /// Directory of `nightjar.toml`; relative paths in the config resolve against it.
-    pub root: PathBuf,
-    pub config_file: PathBuf,
-    pub global: GlobalConfig,
-    pub jobs: BTreeMap<String, Job>,
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
 }
 
 impl Project {
-    /// Loads `nightjar.toml` and the `jobs/` and `mappings/` beside it.
+    /// Loads `nightjar.toml` and the `jobs/` and `mappings/` beside it, and
+    /// compiles them; every problem of every file is one diagnostic.
     pub fn load(config_file: &Path) -> Result<Project, ConfigError> {
-        let root = match config_file.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        // Paths in messages are as the user gave them: `--config proj/nightjar.toml`
+        // gives `proj/jobs/x.toml`, the default gives `jobs/x.toml`.
+        let root = config_file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut diags = Vec::new();
 
         let global = match read(config_file) {
@@ -101,12 +95,20 @@ impl Project {
                 mappings.insert(stem(&path), (file, m));
             }
         }
-
-        let mut jobs = BTreeMap::new();
+        let mut job_files = Vec::new();
         for path in toml_files(&root.join("jobs"), &mut diags) {
             let Ok(file) = read(&path).map_err(|d| diags.push(d)) else { continue };
-            let Some(spec) = parse::<JobFile>(&file, &mut diags) else { continue };
-            let name = stem(&path);
+            if let Some(spec) = parse::<JobFile>(&file, &mut diags) {
+                job_files.push((stem(&path), file, spec));
+            }
+        }
+
+        let Some((global_file, global)) = global else {
+            return Err(ConfigError::Invalid(diags));
+        };
+        let settings = compile_global(&root, &global_file, &global, &mut diags);
+        let mut jobs = BTreeMap::new();
+        for (name, file, spec) in job_files {
             let mapping_name = spec.transform.mapping.get_ref();
             let Some((mapping_file, mapping)) = mappings.get(mapping_name) else {
                 diags.push(at(
@@ -119,40 +121,51 @@ impl Project {
                 ));
                 continue;
             };
-            jobs.insert(
-                name.clone(),
-                Job { name, file, spec, mapping_file: mapping_file.clone(), mapping: mapping.clone() },
-            );
+            let raw = RawJob { name: &name, file: &file, spec: &spec, mapping_file, mapping };
+            if let Some(plan) = check::compile_job(&raw, &settings, &mut diags) {
+                jobs.insert(name.clone(), plan);
+            }
         }
-
-        let Some((global_file, global)) = global else {
+        if !diags.is_empty() {
             return Err(ConfigError::Invalid(diags));
-        };
-        for job in jobs.values() {
-            check_job(job, &global, &mut diags);
         }
-        check_connections(&global_file, &global, &mut diags);
-        check_alerts(&global_file, &global, &jobs, &mut diags);
-        if diags.is_empty() {
-            Ok(Project { root, config_file: config_file.to_path_buf(), global, jobs })
-        } else {
-            Err(ConfigError::Invalid(diags))
-        }
+        Ok(Project {
+            root,
+            config_file: config_file.to_path_buf(),
+            state_path: settings.state_path,
+            server: settings.server,
+            max_concurrent_runs: settings.max_concurrent_runs,
+            smtp: settings.smtp,
+            alerts: settings.alerts,
+            connections: settings.connections,
+            jobs,
+        })
     }
+}
 
-    pub fn job(&self, name: &str) -> Result<&Job, ConfigError> {
-        self.jobs.get(name).ok_or_else(|| ConfigError::UnknownJob(name.to_string()))
-    }
+/// A job's files as parsed, before compiling.
+pub(crate) struct RawJob<'a> {
+    pub name: &'a str,
+    pub file: &'a SourceFile,
+    pub spec: &'a JobFile,
+    pub mapping_file: &'a SourceFile,
+    pub mapping: &'a MappingFile,
+}
 
-    /// Resolves a path from the config relative to the config's directory.
-    pub fn resolve(&self, path: &str) -> PathBuf {
-        let p = Path::new(path);
-        if p.is_absolute() { p.to_path_buf() } else { self.root.join(p) }
-    }
+/// `nightjar.toml` compiled; what jobs are checked against.
+pub(crate) struct Settings {
+    pub state_path: PathBuf,
+    pub server: ServerSettings,
+    pub max_concurrent_runs: u32,
+    pub smtp: Option<SmtpSettings>,
+    pub alerts: AlertSettings,
+    pub connections: BTreeMap<String, Connection>,
+}
 
-    pub fn connection(&self, name: &str) -> Option<&Connection> {
-        self.global.connections.get(name).map(|c| c.get_ref())
-    }
+/// Resolves a path from the config relative to the config's directory.
+pub(crate) fn resolve(root: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() { p.to_path_buf() } else { root.join(p) }
 }
 
 fn stem(path: &Path) -> String {
@@ -213,307 +226,111 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-fn check_connections(file: &SourceFile, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
+/// A duration setting: its value or `default`, refused (with a reason) when
+/// outside `min..=max`. Zero and absurd values are mistakes, never coerced.
+pub(crate) fn duration_in(
+    file: &SourceFile,
+    value: &Option<SpannedDuration>,
+    key: &str,
+    default: Duration,
+    range: (Duration, Duration),
+    diags: &mut Vec<Diagnostic>,
+) -> Duration {
+    let Some(value) = value else { return default };
+    let d = value.get_ref().0;
+    let (min, max) = range;
+    if d < min || d > max {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        diags.push(at(
+            file,
+            value.span(),
+            format!("`{key}` must be between {} and {}, got {}", show(min), show(max), show(d)),
+        ));
+    }
+    d
+}
+
+fn compile_global(root: &Path, file: &SourceFile, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) -> Settings {
+    let mut connections = BTreeMap::new();
     for (name, conn) in &global.connections {
-        if let Connection::Salesforce(sf) = conn.get_ref() {
-            let needs_secret = matches!(sf.auth, AuthFlow::ClientCredentials | AuthFlow::RefreshToken);
-            if needs_secret && sf.client_secret.is_none() {
-                diags.push(at(file, conn.span(), format!("connection `{name}`: this auth flow needs `client_secret`")));
+        let compiled = match conn.get_ref() {
+            ConnectionFile::Salesforce(sf) => {
+                Connection::Salesforce(check::salesforce_connection(root, file, name, conn.span(), sf, diags))
             }
-            if sf.auth == AuthFlow::JwtBearer && (sf.username.is_none() || sf.private_key_file.is_none()) {
-                diags.push(at(
-                    file,
-                    conn.span(),
-                    format!("connection `{name}`: `jwt_bearer` needs `username` and `private_key_file`"),
-                ));
-            }
-            let v = sf.api_version.split_once('.');
-            if !v.is_some_and(|(a, b)| {
-                !a.is_empty() && !b.is_empty() && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit())
-            }) {
-                diags.push(at(
-                    file,
-                    conn.span(),
-                    format!("connection `{name}`: api_version `{}` must look like \"62.0\"", sf.api_version),
-                ));
-            }
-        }
-    }
-}
-
-/// `[smtp]`, `[alerts]` and each job's `[alerts]`: addresses parse, and
-/// whoever asks for email has an SMTP server to send it through.
-fn check_alerts(file: &SourceFile, global: &GlobalConfig, jobs: &BTreeMap<String, Job>, diags: &mut Vec<Diagnostic>) {
-    let check_address = |f: &SourceFile, a: &toml::Spanned<EnvString>, diags: &mut Vec<Diagnostic>| {
-        if let Err(e) = a.get_ref().as_str().parse::<lettre::message::Mailbox>() {
-            diags.push(at(
-                f,
-                a.span(),
-                format!(
-                    "`{}` is not an email address ({e}); write `name@example.com` or `Name <name@example.com>`",
-                    a.get_ref()
-                ),
-            ));
-        }
-    };
-    if let Some(smtp) = &global.smtp {
-        check_address(file, &smtp.from, diags);
-        if smtp.host.as_str().trim().is_empty() {
-            diags.push(at(file, smtp.from.span(), "[smtp] `host` is empty".into()));
-        }
-        if let Some(user) = &smtp.username
-            && smtp.password.is_none()
-        {
-            diags.push(at(
-                file,
-                user.span(),
-                "[smtp] `username` is set but `password` is not; set both or neither".into(),
-            ));
-        }
-    }
-    let no_smtp = "an email address is set but nightjar.toml has no [smtp] section to send it through";
-    for address in global.alerts.iter().flat_map(|a| &a.email) {
-        check_address(file, address, diags);
-        if global.smtp.is_none() {
-            diags.push(at(file, address.span(), no_smtp.into()));
-        }
-    }
-    for job in jobs.values() {
-        for address in job.spec.alerts.iter().flat_map(|a| &a.email) {
-            check_address(&job.file, address, diags);
-            if global.smtp.is_none() {
-                diags.push(at(&job.file, address.span(), no_smtp.into()));
-            }
-        }
-    }
-}
-
-/// Cross-file checks for one job: connections exist and fit, and the mapping
-/// only uses fields the job extracts.
-fn check_job(job: &Job, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) {
-    let spec = &job.spec;
-    let jf = &job.file;
-    let mf = &job.mapping_file;
-
-    let source_conn = spec.source.connection.get_ref();
-    match global.connections.get(source_conn).map(|c| c.get_ref()) {
-        None => diags.push(at(jf, spec.source.connection.span(), unknown_connection(source_conn, global))),
-        Some(Connection::Salesforce(_)) => {}
-        Some(other) => diags.push(at(
-            jf,
-            spec.source.connection.span(),
-            format!(
-                "connection `{source_conn}` is a {} connection; a source must be `kind = \"salesforce\"`",
-                other.kind()
-            ),
-        )),
-    }
-
-    let target_conn = spec.target.connection.get_ref();
-    match global.connections.get(target_conn).map(|c| c.get_ref()) {
-        None => diags.push(at(jf, spec.target.connection.span(), unknown_connection(target_conn, global))),
-        Some(Connection::Sqlite(_) | Connection::Postgres(_) | Connection::Files(_)) => {}
-        Some(other) => diags.push(at(
-            jf,
-            spec.target.connection.span(),
-            format!(
-                "connection `{target_conn}` is a {} connection; a target must be `sqlite`, `postgres` or `files`",
-                other.kind()
-            ),
-        )),
-    }
-
-    let fields: Vec<&str> = spec.source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
-    // Deletes are only seen through queryAll's IsDeleted flag.
-    if spec.target.deletes != DeleteMode::Ignore {
-        let has_flag = fields.iter().any(|f| f.eq_ignore_ascii_case("IsDeleted"));
-        if !spec.source.include_deleted || !has_flag {
-            diags.push(at(
-                jf,
-                spec.target.table.span(),
-                format!(
-                    "`deletes = \"{}\"` needs `include_deleted = true` and `IsDeleted` in `fields` under [source], or `deletes = \"ignore\"`",
-                    if spec.target.deletes == DeleteMode::Soft { "soft" } else { "hard" }
-                ),
-            ));
-        }
-    }
-    if fields.is_empty() {
-        diags.push(at(
-            jf,
-            spec.source.fields.span(),
-            "`fields` is empty; list the Salesforce fields to extract".into(),
-        ));
-    }
-    let mut seen = HashSet::new();
-    for f in spec.source.fields.get_ref() {
-        if !seen.insert(f.get_ref().to_ascii_lowercase()) {
-            diags.push(at(jf, f.span(), format!("field `{}` is listed twice", f.get_ref())));
-        }
-    }
-    let field_hint = |name: &str| -> String {
-        match fields.iter().find(|f| f.eq_ignore_ascii_case(name)) {
-            Some(f) => format!(" (did you mean `{f}`? names must match the job's `fields` exactly)"),
-            None => format!("; add it to `fields` in {}", jf.path.display()),
-        }
-    };
-    if let Some(cursor) = &spec.source.cursor
-        && !fields.contains(&cursor.get_ref().as_str())
-    {
-        diags.push(at(
-            jf,
-            cursor.span(),
-            format!("cursor `{}` is not among the job's `fields`{}", cursor.get_ref(), field_hint(cursor.get_ref())),
-        ));
-    }
-    if spec.transform.max_reject_ratio.is_nan() || !(0.0..=1.0).contains(&spec.transform.max_reject_ratio) {
-        diags.push(at(jf, spec.transform.mapping.span(), "`max_reject_ratio` must be between 0 and 1".into()));
-    }
-    if spec.source.page_size == 0 {
-        diags.push(at(jf, spec.source.object.span(), "`page_size` must be at least 1".into()));
-    }
-
-    let mapping = &job.mapping;
-    // SQL is parsed and type-checked by Polars over the job's fields (all
-    // text when extracted), so mistakes surface here, not mid-run.
-    let check_sql = |what: &str, sql: &toml::Spanned<String>, diags: &mut Vec<Diagnostic>| -> Option<DataType> {
-        let parsed = match SqlExpr::parse(sql.get_ref()) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                diags.push(at(mf, sql.span(), format!("{what}: the SQL does not parse: {e}")));
-                return None;
-            }
+            ConnectionFile::Postgres(pg) => Connection::Postgres { url: pg.url.clone() },
+            ConnectionFile::Sqlite(s) => Connection::Sqlite { path: resolve(root, s.path.as_str()) },
+            ConnectionFile::Files(f) => Connection::Files { dir: resolve(root, f.path.as_str()), format: f.format },
         };
-        let mut all_known = true;
-        for column in &parsed.columns {
-            if !fields.contains(&column.as_str()) {
-                all_known = false;
-                diags.push(at(
-                    mf,
-                    sql.span(),
-                    format!(
-                        "{what}: the SQL reads `{column}`, which is not among the fields of job `{}`{}",
-                        job.name,
-                        field_hint(column)
-                    ),
-                ));
-            }
+        connections.insert(name.clone(), compiled);
+    }
+    let max_concurrent_runs = match &global.limits.max_concurrent_runs {
+        Some(n) if *n.get_ref() == 0 => {
+            diags.push(at(file, n.span(), "`max_concurrent_runs` must be at least 1".into()));
+            1
         }
-        if !all_known {
-            return None;
-        }
-        match parsed.output_type(&fields) {
-            Ok(ty) => Some(ty),
-            Err(e) => {
-                diags.push(at(mf, sql.span(), format!("{what}: the SQL cannot be evaluated over text fields: {e}")));
-                None
-            }
-        }
+        Some(n) => *n.get_ref(),
+        None => 4,
     };
-    if let Some(filter) = &mapping.filter
-        && let Some(ty) = check_sql("`filter`", filter, diags)
-        && ty != DataType::Boolean
-    {
-        diags.push(at(
-            mf,
-            filter.span(),
-            format!(
-                "`filter` must be a condition (true or false), but it produces {ty}; e.g. `Industry <> 'Internal'`"
-            ),
-        ));
-    }
-    if mapping.columns.is_empty() {
-        diags.push(Diagnostic {
-            file: mf.path.clone(),
-            line: 1,
-            col: 1,
-            message: "the mapping has no [[column]]; map at least the key column".into(),
-        });
-    }
-    let mut names = HashSet::new();
-    for col in &mapping.columns {
-        let name = col.name.get_ref();
-        if !names.insert(name.as_str()) {
-            diags.push(at(
-                mf,
-                col.name.span(),
-                format!("column `{name}` is defined twice; target column names must be unique, rename one"),
-            ));
-        }
-        if let Some(sql) = &col.sql {
-            if col.from.is_some() {
-                diags.push(at(
-                    mf,
-                    sql.span(),
-                    format!("column `{name}` has both `from` and `sql`; keep one (`sql` may read the field itself)"),
-                ));
-            }
-            check_sql(&format!("column `{name}`"), sql, diags);
-        }
-        match &col.from {
-            Some(from) if !fields.contains(&from.get_ref().as_str()) => diags.push(at(
-                mf,
-                from.span(),
-                format!(
-                    "column `{name}`: `from = \"{}\"` is not among the fields of job `{}`{}",
-                    from.get_ref(),
-                    job.name,
-                    field_hint(from.get_ref())
-                ),
-            )),
-            Some(_) => {}
-            None if col.sql.is_none() => diags.push(at(
-                mf,
-                col.name.span(),
-                format!("column `{name}` needs `from` (a Salesforce field) or `sql` (an expression over fields)"),
-            )),
-            None => {}
-        }
-        if let Some(ty) = &col.type_name
-            && let Err(msg) = ColumnType::parse(ty.get_ref())
-        {
-            diags.push(at(mf, ty.span(), format!("column `{name}`: {msg}")));
-        }
-    }
-    let key = &spec.target.key;
-    if key.get_ref().is_empty() {
-        diags.push(at(jf, key.span(), "`key` is empty; name the target column(s) that identify a row".into()));
-    }
-    for k in key.get_ref() {
-        match mapping.columns.iter().find(|c| c.name.get_ref() == k) {
-            None => diags.push(at(
-                jf,
-                key.span(),
-                format!(
-                    "key column `{k}` is not a column of mapping `{}`; add a [[column]] named `{k}` there or change `key`",
-                    spec.transform.mapping.get_ref()
-                ),
-            )),
-            Some(c) if !c.required => diags.push(at(
-                mf,
-                c.name.span(),
-                format!(
-                    "column `{k}` is part of the target key of job `{}`, so it must be `required = true`",
-                    job.name
-                ),
-            )),
-            Some(_) => {}
-        }
+    let smtp = global.smtp.as_ref().map(|smtp| check::smtp(file, smtp, diags));
+    let alerts = check::alerts(file, global, smtp.is_some(), diags);
+    let server = global
+        .server
+        .as_ref()
+        .map(|s| ServerSettings {
+            listen: s.listen.as_ref().map(|l| l.as_str().to_string()),
+            trigger_token: s.trigger_token.clone(),
+            public_url: s.public_url.as_ref().map(|u| u.as_str().to_string()).filter(|u| !u.is_empty()),
+        })
+        .unwrap_or_default();
+    Settings {
+        state_path: resolve(root, global.state.path.as_str()),
+        server,
+        max_concurrent_runs,
+        smtp,
+        alerts,
+        connections,
     }
 }
 
-fn unknown_connection(name: &str, global: &GlobalConfig) -> String {
-    let known: Vec<&str> = global.connections.keys().map(String::as_str).collect();
-    format!(
-        "unknown connection `{name}`; nightjar.toml defines: {}",
-        if known.is_empty() { "none".into() } else { known.join(", ") }
-    )
-}
-
-/// Parses a job and a mapping from strings, for unit tests of later stages.
+/// Compiles a job and its mapping from strings, for unit tests of later stages.
 #[cfg(test)]
-pub(crate) fn parse_job_and_mapping_for_tests(job: &str, mapping: &str) -> (JobFile, MappingFile) {
-    (toml::from_str(job).expect("test job parses"), toml::from_str(mapping).expect("test mapping parses"))
+pub(crate) fn plan_for_tests(job: &str, mapping: &str) -> JobPlan {
+    let connections = BTreeMap::from([
+        (
+            "sf".to_string(),
+            Connection::Salesforce(SalesforceConnection {
+                login_url: "http://127.0.0.1:9".into(),
+                auth: AuthFlow::ClientCredentials,
+                client_id: Secret::new("id"),
+                client_secret: Some(Secret::new("secret")),
+                username: None,
+                private_key_file: None,
+                refresh_token: None,
+                api_version: "62.0".into(),
+                max_concurrent_jobs: 1,
+                min_api_remaining: 0,
+                max_clock_skew: Duration::from_secs(86_400),
+            }),
+        ),
+        ("wh".to_string(), Connection::Sqlite { path: "wh.db".into() }),
+    ]);
+    let settings = Settings {
+        state_path: "state.db".into(),
+        server: ServerSettings::default(),
+        max_concurrent_runs: 1,
+        smtp: None,
+        alerts: AlertSettings { email: Vec::new(), on_failure: true, on_recovery: true, repeat_after: Duration::ZERO },
+        connections,
+    };
+    let file = SourceFile { path: "jobs/test.toml".into(), text: job.to_string() };
+    let mapping_file = SourceFile { path: "mappings/m.toml".into(), text: mapping.to_string() };
+    let spec: JobFile = toml::from_str(job).expect("test job parses");
+    let parsed: MappingFile = toml::from_str(mapping).expect("test mapping parses");
+    let raw = RawJob { name: "test", file: &file, spec: &spec, mapping_file: &mapping_file, mapping: &parsed };
+    let mut diags = Vec::new();
+    let plan = check::compile_job(&raw, &settings, &mut diags);
+    assert!(diags.is_empty(), "test job is valid: {}", render(&diags));
+    plan.expect("a valid job compiles")
 }
 
 #[cfg(test)]

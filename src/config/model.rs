@@ -4,7 +4,6 @@
 //! not a silently ignored setting.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -12,16 +11,21 @@ use toml::Spanned;
 
 use super::interpolate::{EnvString, Secret};
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let raw = String::deserialize(d)?;
-    humantime::parse_duration(raw.trim()).map_err(|e| {
-        serde::de::Error::custom(format!("`{raw}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"2h\""))
-    })
+/// A duration written the human way (`"90s"`, `"10m"`, `"2h"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        humantime::parse_duration(raw.trim()).map(HumanDuration).map_err(|e| {
+            serde::de::Error::custom(format!("`{raw}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"2h\""))
+        })
+    }
 }
 
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
-}
+/// A duration with where it was written, for diagnostics.
+pub type SpannedDuration = Spanned<HumanDuration>;
 
 // ---------------------------------------------------------------- nightjar.toml
 
@@ -36,7 +40,7 @@ pub struct GlobalConfig {
     pub smtp: Option<SmtpConfig>,
     pub alerts: Option<AlertsConfig>,
     #[serde(default)]
-    pub connections: BTreeMap<String, Spanned<Connection>>,
+    pub connections: BTreeMap<String, Spanned<ConnectionFile>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,23 +70,10 @@ pub struct ServerConfig {
     pub public_url: Option<EnvString>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    #[serde(default = "LimitsConfig::default_max_concurrent_runs")]
-    pub max_concurrent_runs: u32,
-}
-
-impl LimitsConfig {
-    fn default_max_concurrent_runs() -> u32 {
-        4
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig { max_concurrent_runs: Self::default_max_concurrent_runs() }
-    }
+    pub max_concurrent_runs: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +87,8 @@ pub struct SmtpConfig {
     pub username: Option<Spanned<EnvString>>,
     pub password: Option<Secret>,
     pub from: Spanned<EnvString>,
+    /// Bounds each wait of one SMTP conversation (connect, greeting, TLS, replies).
+    pub timeout: Option<SpannedDuration>,
 }
 
 /// How the SMTP connection is protected.
@@ -129,22 +122,12 @@ pub struct AlertsConfig {
     #[serde(default = "AlertsConfig::default_on")]
     pub on: Vec<AlertOn>,
     /// While a job keeps failing, at most one email per this interval.
-    #[serde(default = "AlertsConfig::default_repeat_after", deserialize_with = "de_duration")]
-    pub repeat_after: Duration,
+    pub repeat_after: Option<SpannedDuration>,
 }
 
 impl AlertsConfig {
     fn default_on() -> Vec<AlertOn> {
         vec![AlertOn::Failure, AlertOn::Recovery]
-    }
-    fn default_repeat_after() -> Duration {
-        Duration::from_secs(6 * 3600)
-    }
-}
-
-impl Default for AlertsConfig {
-    fn default() -> Self {
-        AlertsConfig { email: Vec::new(), on: Self::default_on(), repeat_after: Self::default_repeat_after() }
     }
 }
 
@@ -159,22 +142,11 @@ pub enum AlertOn {
 /// A named endpoint: a Salesforce org to extract from, or a place to load into.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Connection {
-    Salesforce(SalesforceConnection),
-    Postgres(PostgresConnection),
-    Sqlite(SqliteConnection),
-    Files(FilesConnection),
-}
-
-impl Connection {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Connection::Salesforce(_) => "salesforce",
-            Connection::Postgres(_) => "postgres",
-            Connection::Sqlite(_) => "sqlite",
-            Connection::Files(_) => "files",
-        }
-    }
+pub enum ConnectionFile {
+    Salesforce(SalesforceConnectionFile),
+    Postgres(PostgresConnectionFile),
+    Sqlite(SqliteConnectionFile),
+    Files(FilesConnectionFile),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,7 +159,7 @@ pub enum AuthFlow {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SalesforceConnection {
+pub struct SalesforceConnectionFile {
     pub login_url: EnvString,
     pub auth: AuthFlow,
     pub client_id: Secret,
@@ -197,15 +169,18 @@ pub struct SalesforceConnection {
     /// For `auth = "refresh_token"`; when absent, the token `nightjar auth
     /// login` stored in the state DB is used.
     pub refresh_token: Option<Secret>,
-    #[serde(default = "SalesforceConnection::default_api_version")]
+    #[serde(default = "SalesforceConnectionFile::default_api_version")]
     pub api_version: String,
-    #[serde(default = "SalesforceConnection::default_max_concurrent_jobs")]
+    #[serde(default = "SalesforceConnectionFile::default_max_concurrent_jobs")]
     pub max_concurrent_jobs: u32,
     #[serde(default)]
     pub min_api_remaining: u64,
+    /// How far Salesforce's clock (its `Date` header, which windows are
+    /// planned on) may be from this machine's before a run refuses to start.
+    pub max_clock_skew: Option<SpannedDuration>,
 }
 
-impl SalesforceConnection {
+impl SalesforceConnectionFile {
     fn default_api_version() -> String {
         "62.0".into()
     }
@@ -216,13 +191,13 @@ impl SalesforceConnection {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PostgresConnection {
+pub struct PostgresConnectionFile {
     pub url: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SqliteConnection {
+pub struct SqliteConnectionFile {
     pub path: EnvString,
 }
 
@@ -235,7 +210,7 @@ pub enum FileFormat {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FilesConnection {
+pub struct FilesConnectionFile {
     pub path: EnvString,
     pub format: FileFormat,
 }
@@ -250,9 +225,8 @@ pub struct JobFile {
     pub timezone: Option<Spanned<String>>,
     #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub timeout: Option<Duration>,
-    pub retries: Option<Retries>,
+    pub timeout: Option<SpannedDuration>,
+    pub retries: Option<Spanned<Retries>>,
     #[serde(default)]
     pub catch_up: bool,
     pub source: Source,
@@ -268,9 +242,8 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retries {
-    pub attempts: u32,
-    #[serde(deserialize_with = "de_duration")]
-    pub backoff: Duration,
+    pub attempts: Spanned<u32>,
+    pub backoff: SpannedDuration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,28 +253,16 @@ pub struct Source {
     pub object: Spanned<String>,
     pub fields: Spanned<Vec<Spanned<String>>>,
     #[serde(rename = "where")]
-    pub where_clause: Option<String>,
+    pub where_clause: Option<Spanned<String>>,
     /// The datetime field that windows are planned on; `None` means a full
     /// refresh every run.
     pub cursor: Option<Spanned<String>>,
-    #[serde(default, deserialize_with = "de_duration")]
-    pub lookback: Duration,
-    #[serde(default = "Source::default_settle", deserialize_with = "de_duration")]
-    pub settle: Duration,
+    pub lookback: Option<SpannedDuration>,
+    pub settle: Option<SpannedDuration>,
     #[serde(default)]
     pub include_deleted: bool,
     /// Rows per result page (`maxRecords`); Salesforce may send fewer.
-    #[serde(default = "Source::default_page_size")]
-    pub page_size: u32,
-}
-
-impl Source {
-    fn default_settle() -> Duration {
-        Duration::from_secs(120)
-    }
-    fn default_page_size() -> u32 {
-        10_000
-    }
+    pub page_size: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,7 +270,7 @@ impl Source {
 pub struct TransformSpec {
     pub mapping: Spanned<String>,
     #[serde(default)]
-    pub max_reject_ratio: f64,
+    pub max_reject_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -334,13 +295,16 @@ pub enum SchemaEvolution {
 pub struct TargetSpec {
     pub connection: Spanned<String>,
     pub table: Spanned<String>,
-    pub key: Spanned<Vec<String>>,
+    pub key: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     pub deletes: DeleteMode,
     #[serde(default = "yes")]
     pub create: bool,
     #[serde(default)]
     pub schema_evolution: SchemaEvolution,
+    /// Files targets: one snapshot file per value of these columns.
+    #[serde(default)]
+    pub partition_by: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,11 +338,4 @@ pub struct ColumnFile {
     pub trim: bool,
     pub values: Option<BTreeMap<String, String>>,
     pub default: Option<String>,
-}
-
-/// Where a loaded file lives, for `file:line:col` messages.
-#[derive(Debug, Clone)]
-pub struct SourceFile {
-    pub path: PathBuf,
-    pub text: String,
 }

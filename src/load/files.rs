@@ -12,21 +12,22 @@ use async_trait::async_trait;
 use chrono::Utc;
 use polars::prelude::*;
 
-use super::{
-    LOADED_AT_COLUMN, LoadCounts, LoadError, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, Target, TargetOptions, pause_point,
-    plan_evolution,
-};
+use super::merge::{MergePlan, STAGED_CURSOR as CURSOR_COLUMN, STAGED_DELETED as DELETED_COLUMN};
+use super::{LoadCounts, LoadError, Target};
 use crate::config::{DeleteMode, FileFormat};
+use crate::hooks::{HookPoint, SharedHooks};
+use crate::schema::cast::{parse_boolean, parse_date, parse_float, parse_integer, parse_time, parse_timestamp_ms};
+use crate::schema::{ColumnType, LOADED_AT_COLUMN, MappedPage, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, TargetSchema};
 use crate::state::RunId;
-use crate::transform::{
-    CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetSchema, format_date, format_time, format_timestamp_ms,
-    parse_boolean, parse_date, parse_float, parse_integer, parse_time, parse_timestamp_ms,
-};
 
 pub struct FilesTarget {
     dir: PathBuf,
     format: FileFormat,
-    options: TargetOptions,
+    table: String,
+    #[allow(dead_code)]
+    partition_by: Vec<String>,
+    deletes: DeleteMode,
+    hooks: SharedHooks,
     run: Option<RunPlan>,
 }
 
@@ -39,22 +40,25 @@ struct RunPlan {
     pages: Vec<DataFrame>,
 }
 
-fn dtype(ty: ColumnType) -> DataType {
-    match ty {
-        ColumnType::Text => DataType::String,
-        ColumnType::Integer => DataType::Int64,
-        ColumnType::Float => DataType::Float64,
-        ColumnType::Boolean => DataType::Boolean,
-        ColumnType::Timestamp => DataType::Datetime(TimeUnit::Milliseconds, None),
-        ColumnType::Date => DataType::Date,
-        ColumnType::Time => DataType::Time,
-        ColumnType::Decimal { .. } | ColumnType::Json => DataType::String,
-    }
-}
+use crate::schema::values::dtype;
 
 impl FilesTarget {
-    pub fn open(dir: &Path, format: FileFormat, options: TargetOptions) -> Result<FilesTarget, LoadError> {
-        Ok(FilesTarget { dir: dir.to_path_buf(), format, options, run: None })
+    pub fn open(
+        dir: &Path,
+        format: FileFormat,
+        table: &str,
+        partition_by: Vec<String>,
+        hooks: SharedHooks,
+    ) -> Result<FilesTarget, LoadError> {
+        Ok(FilesTarget {
+            dir: dir.to_path_buf(),
+            format,
+            table: table.to_string(),
+            partition_by,
+            deletes: DeleteMode::Ignore,
+            hooks,
+            run: None,
+        })
     }
 
     fn name(&self) -> String {
@@ -66,25 +70,31 @@ impl FilesTarget {
             FileFormat::Parquet => "parquet",
             FileFormat::Csv => "csv",
         };
-        self.dir.join(format!("{}.{ext}", self.options.table))
+        self.dir.join(format!("{}.{ext}", self.table))
     }
 
     fn polars_err(&self) -> impl Fn(PolarsError) -> LoadError + use<> {
         let target = self.name();
-        move |e| LoadError::Schema { target: target.clone(), message: e.to_string() }
+        move |e| {
+            let io = match &e {
+                PolarsError::IO { error, .. } => Some(error.kind()),
+                _ => None,
+            };
+            LoadError::Polars { target: target.clone(), op: "merging the snapshot", message: e.to_string(), io }
+        }
     }
 
-    fn io_err(&self) -> impl Fn(std::io::Error) -> LoadError + use<> {
+    fn io_err(&self, op: &'static str, path: PathBuf) -> impl Fn(std::io::Error) -> LoadError + use<> {
         let target = self.name();
-        move |source| LoadError::Dir { target: target.clone(), path: target.clone(), source }
+        move |source| LoadError::Io { target: target.clone(), op, path: path.clone(), source }
     }
 
     fn soft(&self) -> bool {
-        self.options.deletes == DeleteMode::Soft
+        self.deletes == DeleteMode::Soft
     }
 
     fn temp_prefix(&self) -> String {
-        format!(".{}.nightjar-", self.options.table)
+        format!(".{}.nightjar-", self.table)
     }
 
     /// A run killed between writing its temp file and the rename leaves the
@@ -102,14 +112,18 @@ impl FilesTarget {
 
     /// The snapshot's columns, in order: mapped columns, `_deleted` (soft),
     /// run id, loaded-at.
-    fn layout(&self, schema: &TargetSchema) -> Vec<(String, DataType)> {
-        let mut cols: Vec<(String, DataType)> = schema.columns.iter().map(|c| (c.name.clone(), dtype(c.ty))).collect();
+    fn typed_layout(&self, schema: &TargetSchema) -> Vec<(String, ColumnType)> {
+        let mut cols: Vec<(String, ColumnType)> = schema.columns.iter().map(|c| (c.name.clone(), c.ty)).collect();
         if self.soft() {
-            cols.push((SOFT_DELETE_COLUMN.into(), DataType::Boolean));
+            cols.push((SOFT_DELETE_COLUMN.into(), ColumnType::Boolean));
         }
-        cols.push((RUN_ID_COLUMN.into(), DataType::Int64));
-        cols.push((LOADED_AT_COLUMN.into(), DataType::Datetime(TimeUnit::Milliseconds, None)));
+        cols.push((RUN_ID_COLUMN.into(), ColumnType::Integer));
+        cols.push((LOADED_AT_COLUMN.into(), ColumnType::Timestamp));
         cols
+    }
+
+    fn layout(&self, schema: &TargetSchema) -> Vec<(String, DataType)> {
+        self.typed_layout(schema).into_iter().map(|(n, t)| (n, dtype(t))).collect()
     }
 
     fn read_snapshot(&self, layout: &[(String, DataType)]) -> Result<DataFrame, LoadError> {
@@ -117,30 +131,40 @@ impl FilesTarget {
         let perr = self.polars_err();
         match self.format {
             FileFormat::Parquet => {
-                let file = File::open(&path).map_err(self.io_err())?;
+                let file = File::open(&path).map_err(self.io_err("opening", path.clone()))?;
                 ParquetReader::new(file).finish().map_err(perr)
             }
-            FileFormat::Csv => {
-                read_csv(&path, layout).map_err(|message| LoadError::Schema { target: self.name(), message })
-            }
+            FileFormat::Csv => read_csv(&path, layout).map_err(|message| LoadError::Polars {
+                target: self.name(),
+                op: "reading the CSV snapshot",
+                message,
+                io: None,
+            }),
         }
     }
 
-    fn write_snapshot(&self, frame: &mut DataFrame) -> Result<(), LoadError> {
-        std::fs::create_dir_all(&self.dir).map_err(self.io_err())?;
+    fn write_snapshot(&self, frame: &mut DataFrame, layout: &[(String, ColumnType)]) -> Result<(), LoadError> {
+        std::fs::create_dir_all(&self.dir).map_err(self.io_err("creating the directory", self.dir.clone()))?;
         // Same directory, so the rename is atomic on one filesystem.
-        let mut tmp =
-            tempfile::Builder::new().prefix(&self.temp_prefix()).tempfile_in(&self.dir).map_err(self.io_err())?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&self.temp_prefix())
+            .tempfile_in(&self.dir)
+            .map_err(self.io_err("creating a temp file in", self.dir.clone()))?;
         match self.format {
             FileFormat::Parquet => {
                 ParquetWriter::new(tmp.as_file_mut()).finish(frame).map_err(self.polars_err())?;
             }
-            FileFormat::Csv => write_csv(tmp.as_file_mut(), frame)
-                .map_err(|message| LoadError::Schema { target: self.name(), message })?,
+            FileFormat::Csv => write_csv(tmp.as_file_mut(), frame, layout).map_err(|message| LoadError::Polars {
+                target: self.name(),
+                op: "writing the CSV snapshot",
+                message,
+                io: None,
+            })?,
         }
-        tmp.as_file().sync_all().map_err(self.io_err())?;
-        pause_point("commit");
-        tmp.persist(self.path()).map_err(|e| self.io_err()(e.error))?;
+        tmp.as_file().sync_all().map_err(self.io_err("syncing", tmp.path().to_path_buf()))?;
+        self.hooks.reached(HookPoint::BeforeCommit);
+        let path = self.path();
+        tmp.persist(&path).map_err(|e| self.io_err("renaming the new snapshot to", path.clone())(e.error))?;
         Ok(())
     }
 }
@@ -159,15 +183,17 @@ fn row_key(columns: &[&Column], i: usize) -> Result<String, PolarsError> {
 
 #[async_trait]
 impl Target for FilesTarget {
-    async fn prepare(&mut self, schema: &TargetSchema, run: RunId) -> Result<(), LoadError> {
+    async fn prepare(&mut self, merge: &MergePlan) -> Result<(), LoadError> {
+        self.deletes = merge.deletes;
+        let schema = &merge.schema;
+        let run = merge.run;
         let layout = self.layout(schema);
         self.remove_stale_temp_files();
         let snapshot = if self.path().exists() {
             let mut old = self.read_snapshot(&layout)?;
             let existing: Vec<(String, String)> =
                 old.columns().iter().map(|c| (c.name().to_string(), c.dtype().to_string())).collect();
-            let evolution =
-                plan_evolution(&self.name(), "file", schema, &existing, |t| dtype(t).to_string(), &self.options)?;
+            let evolution = merge.evolution(&self.name(), "file", &existing, |t| dtype(t).to_string())?;
             let added = evolution.add_columns.iter().map(|c| (c.name.clone(), dtype(c.ty)));
             let soft = evolution.add_soft_delete.then(|| (SOFT_DELETE_COLUMN.to_string(), DataType::Boolean));
             for (name, ty) in added.chain(soft) {
@@ -180,8 +206,8 @@ impl Target for FilesTarget {
             }
             let names: Vec<&str> = layout.iter().map(|(n, _)| n.as_str()).collect();
             Some(old.select(names).map_err(self.polars_err())?)
-        } else if !self.options.create {
-            return Err(LoadError::Schema {
+        } else if !merge.create {
+            return Err(LoadError::Setup {
                 target: self.name(),
                 message: "the snapshot file does not exist and the job has `create = false`".into(),
             });
@@ -192,20 +218,36 @@ impl Target for FilesTarget {
         Ok(())
     }
 
-    async fn stage(&mut self, page: &DataFrame) -> Result<(), LoadError> {
+    async fn stage(&mut self, page: MappedPage) -> Result<(), LoadError> {
         let name = self.name();
-        let plan = self.run.as_mut().ok_or_else(|| LoadError::OutOfOrder { target: name, stage: "stage" })?;
-        plan.pages.push(page.clone());
+        let perr = self.polars_err();
+        let plan = self
+            .run
+            .as_mut()
+            .ok_or_else(|| LoadError::Internal { target: name, message: "stage before prepare".into() })?;
+        let number = page.number;
+        let mut frame = page.rows;
+        if let Some(cursor) = page.cursor {
+            frame.with_column(cursor.with_name(CURSOR_COLUMN.into()).into_series().into_column()).map_err(&perr)?;
+        }
+        if let Some(deleted) = page.deleted {
+            frame.with_column(deleted.with_name(DELETED_COLUMN.into()).into_series().into_column()).map_err(&perr)?;
+        }
+        plan.pages.push(frame);
+        self.hooks.reached(HookPoint::PageStaged(number));
         Ok(())
     }
 
     async fn commit(&mut self) -> Result<LoadCounts, LoadError> {
         let name = self.name();
-        let plan = self.run.take().ok_or_else(|| LoadError::OutOfOrder { target: name.clone(), stage: "commit" })?;
+        let plan = self
+            .run
+            .take()
+            .ok_or_else(|| LoadError::Internal { target: name.clone(), message: "commit before prepare".into() })?;
         let perr = self.polars_err();
         let layout = self.layout(&plan.schema);
         let soft = self.soft();
-        let deletes = self.options.deletes;
+        let deletes = self.deletes;
 
         // Newest row per key across all pages: highest cursor, then last to arrive.
         let mut incoming: Option<DataFrame> = None;
@@ -353,7 +395,7 @@ impl Target for FilesTarget {
             None => new_rows,
         };
         merged.rechunk_mut();
-        self.write_snapshot(&mut merged)?;
+        self.write_snapshot(&mut merged, &self.typed_layout(&plan.schema))?;
         Ok(counts)
     }
 
@@ -364,28 +406,17 @@ impl Target for FilesTarget {
     }
 }
 
-/// Writes a snapshot as CSV: a header row, null as an empty field,
-/// timestamps as RFC 3339 UTC.
-fn write_csv(file: &mut File, frame: &DataFrame) -> Result<(), String> {
+/// Writes a snapshot as CSV: a header row, null as an empty field, values
+/// in their canonical text ([`Cell::to_text`](crate::schema::values::Cell::to_text)).
+fn write_csv(file: &mut File, frame: &DataFrame, layout: &[(String, ColumnType)]) -> Result<(), String> {
     let mut writer = csv::Writer::from_writer(std::io::BufWriter::new(file));
-    let names: Vec<String> = frame.get_column_names().iter().map(|n| n.to_string()).collect();
+    let names: Vec<&str> = layout.iter().map(|(n, _)| n.as_str()).collect();
     writer.write_record(&names).map_err(|e| e.to_string())?;
-    let columns = frame.columns();
+    let columns = crate::schema::values::typed_columns(frame, layout.iter().map(|(n, t)| (n.as_str(), *t)))?;
     let mut record: Vec<String> = Vec::with_capacity(columns.len());
     for i in 0..frame.height() {
         record.clear();
-        for c in columns {
-            let text = match c.get(i).map_err(|e| e.to_string())? {
-                AnyValue::Null => String::new(),
-                AnyValue::String(s) => s.to_string(),
-                AnyValue::StringOwned(s) => s.to_string(),
-                AnyValue::Datetime(ms, TimeUnit::Milliseconds, _) => format_timestamp_ms(ms).unwrap_or_default(),
-                AnyValue::Date(days) => format_date(days).unwrap_or_default(),
-                AnyValue::Time(nanos) => format_time(nanos).unwrap_or_default(),
-                other => other.to_string(),
-            };
-            record.push(text);
-        }
+        record.extend(columns.iter().map(|c| c.get(i).to_text().map(|t| t.into_owned()).unwrap_or_default()));
         writer.write_record(&record).map_err(|e| e.to_string())?;
     }
     writer.flush().map_err(|e| e.to_string())

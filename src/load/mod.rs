@@ -1,77 +1,121 @@
 //! Targets: where mapped pages land. Every target stages a run's pages and
-//! then merges them in ONE transaction, so a failed or killed run leaves the
-//! target exactly as it was, and a repeated window changes nothing.
+//! then merges them in ONE transaction ([`merge`] defines what that merge
+//! does), so a failed or killed run leaves the target exactly as it was, and
+//! a repeated window changes nothing.
+//!
+//! Adding a target is one file implementing [`Target`] plus one arm in
+//! [`open_target`]; `config` must also accept the new connection kind as a
+//! target (`config/check.rs`, the `kind` match under "target").
 
 mod files;
+pub mod merge;
 mod postgres;
 mod sqlite;
 
+use std::path::PathBuf;
+
 use async_trait::async_trait;
-use polars::prelude::*;
 use serde::Serialize;
 use thiserror::Error;
 
 pub use files::FilesTarget;
+pub use merge::{MergePlan, MergeTally};
 pub use postgres::PostgresTarget;
 pub use sqlite::SqliteTarget;
 
-use crate::config::{Connection, DeleteMode, Job, Project, SchemaEvolution};
-use crate::state::RunId;
-use crate::transform::{CURSOR_COLUMN, ColumnType, DELETED_COLUMN, TargetColumn, TargetSchema};
+use crate::config::{JobPlan, TargetKind};
+use crate::hooks::SharedHooks;
+use crate::outcome::ErrorClass;
+use crate::schema::{ColumnType, LOADED_AT_COLUMN, MappedPage, RUN_ID_COLUMN, SOFT_DELETE_COLUMN, TargetSchema};
 
-/// Bookkeeping columns every target table gets.
-pub const RUN_ID_COLUMN: &str = "_nightjar_run_id";
-pub const LOADED_AT_COLUMN: &str = "_nightjar_loaded_at";
-/// Soft-delete flag, present when the job's `deletes = "soft"`.
-pub const SOFT_DELETE_COLUMN: &str = "_deleted";
-
-/// How the job wants its target table treated.
-#[derive(Debug, Clone)]
-pub struct TargetOptions {
-    pub table: String,
-    pub create: bool,
-    pub deletes: DeleteMode,
-    pub schema_evolution: SchemaEvolution,
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The table and the mapping disagree.
+    #[error("target {target}: {message}")]
+    Schema { target: String, message: String },
+    /// The target cannot be used as configured.
+    #[error("target {target}: {message}")]
+    Setup { target: String, message: String },
+    #[error("target {target}: {source}")]
+    Sqlite { target: String, source: rusqlite::Error },
+    #[error("target {target}: {message}")]
+    Postgres {
+        target: String,
+        message: String,
+        /// The server's SQLSTATE, when the server answered.
+        sqlstate: Option<String>,
+        /// The connection dropped (no answer at all).
+        closed: bool,
+    },
+    #[error("target {target}: {message}; check the connection's url, that the server runs, and the user's rights")]
+    Connect { target: String, message: String },
+    #[error("target {target}: {op} {}: {source}", path.display())]
+    Io { target: String, op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("target {target}: {op}: {message}")]
+    Polars {
+        target: String,
+        op: &'static str,
+        message: String,
+        /// The I/O error under Polars' error, if that is what it was.
+        io: Option<std::io::ErrorKind>,
+    },
+    /// A bug: a page that does not match its own schema, a call out of order.
+    #[error("target {target}: {message} (a bug in nightjar; please report it)")]
+    Internal { target: String, message: String },
 }
 
-impl TargetOptions {
-    pub fn for_job(job: &Job) -> TargetOptions {
-        let t = &job.spec.target;
-        TargetOptions {
-            table: t.table.get_ref().clone(),
-            create: t.create,
-            deletes: t.deletes,
-            schema_evolution: t.schema_evolution,
+impl LoadError {
+    /// The class history and alerts show, from the error's type: a dropped
+    /// connection is `network`, a refused row `target_constraint`, a full
+    /// disk `disk`, a changed table `schema_drift`.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            LoadError::Schema { .. } => ErrorClass::SchemaDrift,
+            LoadError::Setup { .. } => ErrorClass::Target,
+            LoadError::Connect { .. } => ErrorClass::Network,
+            LoadError::Io { .. } => ErrorClass::Disk,
+            LoadError::Polars { io: Some(_), .. } => ErrorClass::Disk,
+            LoadError::Polars { io: None, .. } => ErrorClass::Target,
+            LoadError::Internal { .. } => ErrorClass::Internal,
+            LoadError::Sqlite { source, .. } => sqlite_class(source),
+            LoadError::Postgres { closed: true, .. } => ErrorClass::Network,
+            LoadError::Postgres { sqlstate, .. } => postgres_class(sqlstate.as_deref()),
         }
     }
 }
 
-#[derive(Debug, Error)]
-pub enum LoadError {
-    #[error("target {target}: {source}")]
-    Sqlite { target: String, source: rusqlite::Error },
-    #[error("target {target}: {message}")]
-    Schema { target: String, message: String },
-    #[error("target {target}: cannot create directory for {path}: {source}")]
-    Dir { target: String, path: String, source: std::io::Error },
-    #[error("target {target}: {message}")]
-    Unsupported { target: String, message: String },
-    #[error("target {target}: {stage} called out of order (after a commit or abort)")]
-    OutOfOrder { target: String, stage: &'static str },
-    #[error("target {target}: {message}; check the connection's url, that the server runs, and the user's rights")]
-    Connect { target: String, message: String },
-    #[error("target {target}: {message}")]
-    Postgres { target: String, message: String },
+fn sqlite_class(e: &rusqlite::Error) -> ErrorClass {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(
+            C::DiskFull
+            | C::ReadOnly
+            | C::CannotOpen
+            | C::PermissionDenied
+            | C::SystemIoFailure
+            | C::NoLargeFileSupport,
+        ) => ErrorClass::Disk,
+        Some(C::DatabaseBusy | C::DatabaseLocked | C::ConstraintViolation) => ErrorClass::TargetConstraint,
+        Some(C::DatabaseCorrupt | C::NotADatabase) => ErrorClass::Target,
+        _ => ErrorClass::Target,
+    }
 }
 
-impl LoadError {
-    pub fn class(&self) -> &'static str {
-        match self {
-            LoadError::Schema { .. } => "schema_drift",
-            LoadError::Sqlite { .. } | LoadError::Postgres { .. } => "target_constraint",
-            LoadError::Connect { .. } => "network",
-            _ => "target",
-        }
+/// By SQLSTATE class (PostgreSQL manual, appendix A).
+fn postgres_class(sqlstate: Option<&str>) -> ErrorClass {
+    let Some(code) = sqlstate else { return ErrorClass::Target };
+    match &code[..code.len().min(2)] {
+        // connection exception; operator intervention (shutdown, cancel)
+        "08" | "57" => ErrorClass::Network,
+        // integrity constraint; transaction rollback (deadlock, serialization); lock not available
+        "23" | "40" | "55" => ErrorClass::TargetConstraint,
+        // insufficient resources (disk full, out of memory); system error (I/O)
+        "53" | "58" => ErrorClass::Disk,
+        // undefined or mismatched column, table, type
+        "42" => ErrorClass::SchemaDrift,
+        // invalid authorization
+        "28" => ErrorClass::Auth,
+        _ => ErrorClass::Target,
     }
 }
 
@@ -84,37 +128,34 @@ pub struct LoadCounts {
     pub deleted: u64,
 }
 
-/// A place mapped pages are loaded into. Adding a target is one file
-/// implementing this plus one line in [`open_target`].
+/// A place mapped pages are loaded into. A run calls `prepare`, `stage`
+/// for every page, then `commit` (or `abort`); a dropped target that did not
+/// commit leaves the table as it was.
 #[async_trait]
 pub trait Target: Send {
-    /// Creates the table from the schema if allowed and missing (or checks
-    /// it), and opens this run's staging area.
-    async fn prepare(&mut self, schema: &TargetSchema, run: RunId) -> Result<(), LoadError>;
+    /// Creates the table if allowed and missing (or checks it against the
+    /// plan), and opens this run's staging area.
+    async fn prepare(&mut self, plan: &MergePlan) -> Result<(), LoadError>;
     /// Adds one mapped page to staging. Nothing is visible to readers yet.
-    async fn stage(&mut self, page: &DataFrame) -> Result<(), LoadError>;
+    async fn stage(&mut self, page: MappedPage) -> Result<(), LoadError>;
     /// Merges staging into the table in one transaction.
     async fn commit(&mut self) -> Result<LoadCounts, LoadError>;
     /// Drops staging; the table stays as it was before the run.
     async fn abort(&mut self) -> Result<(), LoadError>;
 }
 
-/// Opens the job's target.
-pub async fn open_target(project: &Project, job: &Job) -> Result<Box<dyn Target>, LoadError> {
-    let options = TargetOptions::for_job(job);
-    let name = job.spec.target.connection.get_ref();
-    match project.connection(name) {
-        Some(Connection::Sqlite(c)) => Ok(Box::new(SqliteTarget::open(&project.resolve(c.path.as_str()), options)?)),
-        Some(Connection::Postgres(c)) => Ok(Box::new(PostgresTarget::connect(name, c.url.expose(), options).await?)),
-        Some(Connection::Files(c)) => {
-            Ok(Box::new(FilesTarget::open(&project.resolve(c.path.as_str()), c.format, options)?))
+/// Opens the job's target. `hooks` lets tests stop a commit mid-way.
+pub async fn open_target(job: &JobPlan, hooks: SharedHooks) -> Result<Box<dyn Target>, LoadError> {
+    let connection = &job.target.connection;
+    Ok(match &job.target.kind {
+        TargetKind::Sqlite { path, table } => Box::new(SqliteTarget::open(path, table, hooks).await?),
+        TargetKind::Postgres { url, schema, table } => {
+            Box::new(PostgresTarget::connect(connection, url.expose(), schema.clone(), table, hooks).await?)
         }
-        Some(other) => Err(LoadError::Unsupported {
-            target: name.clone(),
-            message: format!("{} targets are not supported by this build yet", other.kind()),
-        }),
-        None => Err(LoadError::Unsupported { target: name.clone(), message: "unknown connection".into() }),
-    }
+        TargetKind::Files { dir, format, table, partition_by } => {
+            Box::new(FilesTarget::open(dir, *format, table, partition_by.clone(), hooks)?)
+        }
+    })
 }
 
 /// Column definitions of a new target table: the mapped columns (NOT NULL
@@ -145,107 +186,6 @@ pub(crate) fn table_columns(
     defs.join(", ")
 }
 
-/// The columns of a mapped page a target stages, in order: the schema's
-/// columns, then the cursor and deleted-flag columns when the page has them.
-pub(crate) fn staged_columns<'a>(
-    target: &str,
-    schema: &TargetSchema,
-    page: &'a DataFrame,
-) -> Result<(Vec<&'a str>, Vec<&'a Column>), LoadError> {
-    let mut names: Vec<&str> = Vec::with_capacity(schema.columns.len() + 2);
-    let mut columns = Vec::with_capacity(schema.columns.len() + 2);
-    for c in &schema.columns {
-        let column = page.column(&c.name).map_err(|_| LoadError::Schema {
-            target: target.to_string(),
-            message: format!("the mapped page lacks column `{}`", c.name),
-        })?;
-        names.push(column.name().as_str());
-        columns.push(column);
-    }
-    for extra in [CURSOR_COLUMN, DELETED_COLUMN] {
-        if let Ok(column) = page.column(extra) {
-            names.push(column.name().as_str());
-            columns.push(column);
-        }
-    }
-    Ok((names, columns))
-}
-
-/// How an existing table must change to take this run's mapping.
-pub(crate) struct Evolution {
-    /// Mapped columns the table lacks; added inside the commit transaction.
-    pub add_columns: Vec<TargetColumn>,
-    pub add_soft_delete: bool,
-}
-
-/// Compares an existing table (`existing`: column name and type as the
-/// target reports it) with the mapping. Missing columns are added under
-/// `schema_evolution = "add_columns"`; any other difference stops the run
-/// with a message listing every difference and what to do.
-pub(crate) fn plan_evolution(
-    target: &str,
-    noun: &str,
-    schema: &TargetSchema,
-    existing: &[(String, String)],
-    type_name: impl Fn(ColumnType) -> String,
-    options: &TargetOptions,
-) -> Result<Evolution, LoadError> {
-    let has = |name: &str| existing.iter().any(|(n, _)| n == name);
-    let mut problems = Vec::new();
-    let mut add_columns = Vec::new();
-    for c in &schema.columns {
-        match existing.iter().find(|(name, _)| *name == c.name) {
-            None => add_columns.push(c.clone()),
-            Some((_, ty)) if *ty != type_name(c.ty) => problems.push(format!(
-                "column `{}` is {ty} in the {noun} but {} ({}) in the mapping",
-                c.name,
-                type_name(c.ty),
-                c.ty.name()
-            )),
-            Some(_) => {}
-        }
-    }
-    for bookkeeping in [RUN_ID_COLUMN, LOADED_AT_COLUMN] {
-        if !has(bookkeeping) {
-            problems.push(format!("column `{bookkeeping}` is missing (the {noun} was not created by nightjar)"));
-        }
-    }
-    let add_soft_delete = options.deletes == DeleteMode::Soft && !has(SOFT_DELETE_COLUMN);
-    let evolve = options.schema_evolution == SchemaEvolution::AddColumns;
-    if !evolve {
-        problems.extend(add_columns.iter().map(|c| format!("column `{}` is mapped but not in the {noun}", c.name)));
-        if add_soft_delete {
-            problems.push(format!("column `{SOFT_DELETE_COLUMN}` (for deletes = \"soft\") is not in the {noun}"));
-        }
-    }
-    if problems.is_empty() {
-        return Ok(Evolution { add_columns, add_soft_delete });
-    }
-    let remedy = if evolve {
-        format!("fix the mapping's types or the {noun}")
-    } else {
-        format!("set `schema_evolution = \"add_columns\"` on the job, or change the {noun} yourself")
-    };
-    Err(LoadError::Schema {
-        target: target.to_string(),
-        message: format!("the {noun} differs from the mapping: {}; {remedy}", problems.join("; ")),
-    })
-}
-
-/// A test hook: with `NIGHTJAR_TEST_PAUSE_AT=<point>` in the environment, a
-/// run stops at that point (`stage`: after the first page is staged;
-/// `commit`: inside the commit transaction, just before COMMIT) and waits,
-/// so the crash tests can SIGKILL the process exactly there.
-///
-/// It blocks the thread on purpose: it is called while a database
-/// transaction is open, and the process is about to be killed anyway.
-pub fn pause_point(point: &str) {
-    if std::env::var("NIGHTJAR_TEST_PAUSE_AT").is_ok_and(|p| p == point) {
-        eprintln!("nightjar: paused at {point} (NIGHTJAR_TEST_PAUSE_AT)");
-        std::thread::sleep(std::time::Duration::from_secs(3600));
-    }
-}
-
 /// Double-quotes an identifier; nothing from a config or a record is ever
 /// spliced into SQL unquoted.
 pub fn quote_ident(name: &str) -> String {
@@ -260,5 +200,29 @@ mod tests {
     fn identifiers_are_quoted() {
         assert_eq!(quote_ident("account"), "\"account\"");
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    #[test]
+    fn error_classes_come_from_the_error_type() {
+        let pg = |sqlstate: &str| LoadError::Postgres {
+            target: "t".into(),
+            message: "m".into(),
+            sqlstate: Some(sqlstate.into()),
+            closed: false,
+        };
+        assert_eq!(pg("23505").class(), ErrorClass::TargetConstraint);
+        assert_eq!(pg("53100").class(), ErrorClass::Disk);
+        assert_eq!(pg("08006").class(), ErrorClass::Network);
+        assert_eq!(pg("42703").class(), ErrorClass::SchemaDrift);
+        let dropped = LoadError::Postgres { target: "t".into(), message: "m".into(), sqlstate: None, closed: true };
+        assert_eq!(dropped.class(), ErrorClass::Network);
+        let full = LoadError::Io {
+            target: "t".into(),
+            op: "writing",
+            path: "x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert_eq!(full.class(), ErrorClass::Disk);
+        assert!(full.to_string().contains("writing x"), "{full}");
     }
 }

@@ -1,51 +1,34 @@
 //! One run of one job, from window planning to the watermark.
 //!
-//! The order of effects is the product's core promise: the target commit
-//! happens in one transaction, and only after it succeeded does the
-//! watermark move (written together with the run's closing row).
+//! The order of effects is the product's core promise: the pipeline
+//! (`pipeline.rs`) stages every page, the target commits in one transaction
+//! only after every pipeline stage finished well and the rows add up, and
+//! only after that commit does the watermark move (written together with
+//! the run's closing row and its alert).
 
+mod engine;
+mod pipeline;
 mod recover;
 mod scheduler;
-mod window;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use thiserror::Error;
-use tokio::sync::mpsc;
 
+pub use engine::{Engine, ProgressSink};
+pub use pipeline::Stage;
 pub use recover::recover_abandoned;
-pub use scheduler::{SHUTDOWN_GRACE, Schedule, ServeError, retry_delay, run_series, schedules, serve};
-pub use window::{Window, build_soql, plan_window, soql_datetime};
+pub use scheduler::{SHUTDOWN_GRACE, ServeError, run_series, schedules, serve};
 
-use crate::config::{AuthFlow, ConfigError, Connection, Job, Project};
-use crate::load::{LoadError, open_target};
-use crate::salesforce::{JobGuard, RunClient, SalesforceClient, SalesforceError};
-use crate::state::{LockHolder, RunCounts, RunEnd, RunId, RunStatus, StateError, StateStore};
-use crate::transform::{MappedPage, Mapping, TransformError};
-
-/// Receives `(job, pages, rows)` after each staged page. `nightjar run`
-/// sets one to draw progress; `serve` leaves it unset (history is its record).
-pub type ProgressSink = dyn Fn(&str, u64, u64) + Send + Sync;
-
-static PROGRESS: std::sync::OnceLock<Box<ProgressSink>> = std::sync::OnceLock::new();
-
-/// Installs the process's progress sink; only the first call takes effect.
-pub fn report_progress_to(sink: Box<ProgressSink>) -> bool {
-    PROGRESS.set(sink).is_ok()
-}
-
-/// Mapped pages waiting for the target: page N+1 downloads and maps while
-/// page N is staged, and memory stays at a few pages.
-const PAGES_IN_FLIGHT: usize = 1;
-
-/// A page after mapping, on its way to the target.
-struct MappedPageOf {
-    number: u32,
-    mapped: MappedPage,
-    took: std::time::Duration,
-}
+use crate::alert::{ErrorDetail, JobAlerts, Outcome, RunFacts, SalesforceDetail};
+use crate::config::{AuthFlow, ConfigError, Connection, JobPlan, Project};
+use crate::load::{LoadError, MergePlan, open_target};
+use crate::outcome::{ErrorClass, RunStatus, Trigger};
+use crate::salesforce::{JobGuard, ResultPages, RunClient, SalesforceError, build_soql};
+use crate::state::{LockHolder, RunCounts, RunEnd, RunId, StateError, StateStore};
+use crate::transform::{Mapping, TransformError};
+use crate::window::{Window, plan_window};
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -65,6 +48,23 @@ pub enum RunError {
     TooManyRejects { run: RunId, rejected: u64, extracted: u64, max: f64 },
     #[error("job `{job}`: {message}")]
     Job { job: String, message: String },
+    /// Salesforce's results did not add up to what its job reported.
+    #[error(
+        "Salesforce query job {sf_job} reported {reported} rows (numberRecordsProcessed) but its results ended after {received} rows in {pages} page(s); nothing was committed and the watermark did not move"
+    )]
+    ExtractIncomplete { sf_job: String, reported: u64, received: u64, pages: u32 },
+    /// A pipeline stage stopped unexpectedly (a panic: a bug).
+    #[error(
+        "the {} stage stopped unexpectedly at page {page} of Salesforce query job {sf_job}: {message}; nothing was committed",
+        stage.name()
+    )]
+    StageFailed { stage: Stage, page: u32, sf_job: String, message: String },
+    /// A stage's input ended without the end-of-extract message: the stage
+    /// before it failed (that failure is the one reported).
+    #[error("the {} stage ended before the extract did", .0.name())]
+    UpstreamGone(Stage),
+    #[error("{0} (a bug in nightjar; please report it)")]
+    Internal(String),
     /// Another run of the job is in flight (this or another process); this
     /// attempt did not start and left no history row.
     #[error("{0}; this attempt did not run")]
@@ -80,19 +80,52 @@ pub enum RunError {
 
 impl RunError {
     /// The error class that history and alerts show.
-    pub fn class(&self) -> &'static str {
+    pub fn class(&self) -> ErrorClass {
         match self {
-            RunError::Config(_) | RunError::Job { .. } => "config",
+            RunError::Config(_) | RunError::Job { .. } => ErrorClass::Config,
             RunError::Salesforce(e) => e.class(),
             // Salesforce sent other columns than the job asked for: the org changed.
-            RunError::Transform(TransformError::MissingColumn(_)) => "schema_drift",
-            RunError::Transform(_) => "transform",
+            RunError::Transform(TransformError::MissingColumn(_)) => ErrorClass::SchemaDrift,
+            RunError::Transform(_) => ErrorClass::Transform,
             RunError::Load(e) => e.class(),
-            RunError::State(_) => "state",
-            RunError::TooManyRejects { .. } => "data_rejects",
-            RunError::Locked(_) => "locked",
-            RunError::TimedOut(_) => "timeout",
-            RunError::Cancelled => "cancelled",
+            RunError::State(_) => ErrorClass::State,
+            RunError::TooManyRejects { .. } => ErrorClass::DataRejects,
+            RunError::ExtractIncomplete { .. } => ErrorClass::ExtractIncomplete,
+            RunError::StageFailed { .. } | RunError::UpstreamGone(_) | RunError::Internal(_) => ErrorClass::Internal,
+            RunError::Locked(_) => ErrorClass::Locked,
+            RunError::TimedOut(_) => ErrorClass::Timeout,
+            RunError::Cancelled => ErrorClass::Cancelled,
+        }
+    }
+
+    /// Whether this only says that an earlier stage ended the pipeline.
+    fn is_upstream_gone(&self) -> bool {
+        matches!(self, RunError::UpstreamGone(_))
+    }
+
+    /// The error as an alert shows it.
+    pub fn detail(&self) -> ErrorDetail {
+        let salesforce = match self {
+            RunError::Salesforce(e) => e.salesforce_said().map(|(code, message, job_id)| SalesforceDetail {
+                code: code.map(str::to_string),
+                message: message.to_string(),
+                job_id: job_id.map(str::to_string),
+            }),
+            RunError::ExtractIncomplete { sf_job, .. } | RunError::StageFailed { sf_job, .. } => {
+                Some(SalesforceDetail { code: None, message: self.to_string(), job_id: Some(sf_job.clone()) })
+            }
+            _ => None,
+        };
+        ErrorDetail { class: self.class(), message: self.to_string(), salesforce }
+    }
+
+    /// How the run ended, as alerting sees it (as a last attempt).
+    fn outcome(&self) -> Outcome {
+        match self {
+            RunError::Salesforce(SalesforceError::ApiBudgetLow { .. }) => Outcome::SkippedBudget,
+            RunError::TimedOut(_) => Outcome::TimedOut,
+            RunError::Cancelled => Outcome::Cancelled,
+            _ => Outcome::Failed { last_attempt: true },
         }
     }
 }
@@ -107,6 +140,7 @@ pub struct RunReport {
     pub window: Option<Window>,
     pub salesforce_job_ids: Vec<String>,
     pub error: Option<String>,
+    pub error_class: Option<ErrorClass>,
 }
 
 /// What a run learned along the way; kept even when it fails, for history.
@@ -119,7 +153,7 @@ struct Progress {
     salesforce_job_ids: Vec<String>,
 }
 
-/// Which attempt of a series a run is (retries, issue 5).
+/// Which attempt of a series a run is (retries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempt {
     pub number: u32,
@@ -137,87 +171,93 @@ impl Attempt {
 /// returned report; `Err` means the run could not even be recorded, or
 /// ([`RunError::Locked`]) another run of the job holds its lock.
 pub async fn run_job(
+    engine: &Engine,
     project: &Project,
     state: &StateStore,
     job_name: &str,
-    trigger: &str,
+    trigger: Trigger,
 ) -> Result<RunReport, RunError> {
-    run_job_attempt(project, state, job_name, trigger, Attempt::ONLY, std::future::pending()).await
+    run_job_attempt(engine, project, state, job_name, trigger, Attempt::ONLY, std::future::pending()).await
 }
 
 /// [`run_job`] as one attempt of a series of retries. When `cancel`
 /// resolves first, the run stops like a timed-out one (Bulk job aborted,
 /// target rolled back) and is recorded `cancelled`.
 pub async fn run_job_attempt(
+    engine: &Engine,
     project: &Project,
     state: &StateStore,
     job_name: &str,
-    trigger: &str,
+    trigger: Trigger,
     attempt: Attempt,
     cancel: impl std::future::Future<Output = ()>,
 ) -> Result<RunReport, RunError> {
     let job = project.job(job_name)?;
-    let alerts = crate::alert::AlertSettings::for_job(project, job);
-    // Held until the run row is closed; dropping it (also when this future
-    // is dropped) releases it.
-    let lock = state.try_lock_job(job_name, Utc::now())?.map_err(RunError::Locked)?;
-    let run = state.open_run_attempt(job_name, trigger, attempt.number, attempt.first_run, Utc::now())?;
-    lock.set_run(run)?;
+    let alerts = JobAlerts::for_job(project, job);
+    // Released when the run row is closed; dropped (a cancelled future), it
+    // is released in the background.
+    let lock = state.try_lock_job(job_name, Utc::now()).await?.map_err(RunError::Locked)?;
+    let run = state.open_run_attempt(job_name, trigger, attempt.number, attempt.first_run, Utc::now()).await?;
+    lock.set_run(run).await?;
     tracing::info!(job = job_name, run, attempt = attempt.number, "run started");
     let mut progress = Progress::default();
     // On timeout the pipeline future is dropped: the Bulk job's guard aborts
-    // it and the target's open transaction (or staging) is rolled back.
+    // it, the pipeline's tasks stop, and the target's open transaction (or
+    // staging) is rolled back.
     let pipeline = async {
-        match job.spec.timeout {
-            Some(limit) => tokio::time::timeout(limit, execute(project, state, job, run, &mut progress))
+        match job.timeout {
+            Some(limit) => tokio::time::timeout(limit, execute(engine, project, state, job, run, &mut progress))
                 .await
                 .unwrap_or(Err(RunError::TimedOut(limit))),
-            None => execute(project, state, job, run, &mut progress).await,
+            None => execute(engine, project, state, job, run, &mut progress).await,
         }
     };
     let result = tokio::select! {
         result = pipeline => result,
         _ = cancel => Err(RunError::Cancelled),
     };
-    let (status, watermark, error_class, error) = match &result {
-        Ok(watermark) => (RunStatus::Succeeded, *watermark, None, None),
-        Err(e @ (RunError::TimedOut(_) | RunError::Cancelled)) => {
-            (RunStatus::Cancelled, None, Some(e.class().to_string()), Some(e.to_string()))
-        }
-        Err(e) => (RunStatus::Failed, None, Some(e.class().to_string()), Some(e.to_string())),
+    let (status, watermark) = match &result {
+        Ok(watermark) => (RunStatus::Succeeded, *watermark),
+        Err(RunError::TimedOut(_) | RunError::Cancelled) => (RunStatus::Cancelled, None),
+        Err(_) => (RunStatus::Failed, None),
     };
     if let Some(calls) = &progress.api_calls {
         progress.counts.api_calls = calls.load(std::sync::atomic::Ordering::Relaxed);
     }
+    let error = result.as_ref().err();
     let end = RunEnd {
         status,
         counts: progress.counts.clone(),
         salesforce_job_ids: progress.salesforce_job_ids.clone(),
-        error_class,
-        error: error.clone(),
+        error_class: error.map(|e| e.class().as_str().to_string()),
+        error: error.map(ToString::to_string),
     };
     let finished_at = Utc::now();
-    let facts = crate::alert::RunFacts {
-        job: job_name,
+    let outcome = match error.map(RunError::outcome) {
+        None => Outcome::Succeeded,
+        Some(Outcome::Failed { .. }) => Outcome::Failed { last_attempt: attempt.last },
+        Some(other) => other,
+    };
+    let facts = OwnedFacts {
+        job: job_name.to_string(),
         run,
-        trigger,
-        outcome: match crate::alert::Outcome::of(&result) {
-            crate::alert::Outcome::Failed { .. } => crate::alert::Outcome::Failed { last_attempt: attempt.last },
-            other => other,
-        },
+        trigger: trigger.as_str().to_string(),
+        outcome,
         window: progress.window,
-        full_refresh: job.spec.source.cursor.is_none(),
-        counts: &end.counts,
-        salesforce_job_ids: &end.salesforce_job_ids,
-        error: result.as_ref().err().map(crate::alert::ErrorDetail::from_run_error),
+        full_refresh: job.source.cursor.is_none(),
+        counts: end.counts.clone(),
+        salesforce_job_ids: end.salesforce_job_ids.clone(),
+        error: error.map(RunError::detail),
         finished_at,
     };
     // The alert commits with the run row and the watermark, or not at all.
-    state.finish_run_with(run, &end, watermark, finished_at, |conn| {
-        crate::alert::queue_for_run(conn, &alerts, &facts).map(drop)
-    })?;
-    drop(lock);
-    match &error {
+    state
+        .finish_run_with(run, end.clone(), watermark, finished_at, move |conn| {
+            crate::alert::queue_for_run(conn, &alerts, &facts.view()).map(drop)
+        })
+        .await?;
+    lock.release().await?;
+    match &end.error {
         None => tracing::info!(job = job_name, run, extracted = end.counts.extracted, "run succeeded"),
         Some(e) => tracing::error!(job = job_name, run, error = %e, "run failed"),
     }
@@ -228,37 +268,76 @@ pub async fn run_job_attempt(
         counts: progress.counts,
         window: progress.window,
         salesforce_job_ids: progress.salesforce_job_ids,
-        error,
+        error: end.error,
+        error_class: error.map(RunError::class),
     })
 }
 
-/// The pipeline proper. Returns the new watermark (the window's upper bound)
-/// once the target commit has succeeded.
-async fn execute(
+/// [`RunFacts`] with owned fields, to move onto the state thread.
+struct OwnedFacts {
+    job: String,
+    run: RunId,
+    trigger: String,
+    outcome: Outcome,
+    window: Option<Window>,
+    full_refresh: bool,
+    counts: RunCounts,
+    salesforce_job_ids: Vec<String>,
+    error: Option<ErrorDetail>,
+    finished_at: DateTime<Utc>,
+}
+
+impl OwnedFacts {
+    fn view(&self) -> RunFacts<'_> {
+        RunFacts {
+            job: &self.job,
+            run: self.run,
+            trigger: &self.trigger,
+            outcome: self.outcome,
+            window: self.window,
+            full_refresh: self.full_refresh,
+            counts: &self.counts,
+            salesforce_job_ids: &self.salesforce_job_ids,
+            error: self.error.clone(),
+            finished_at: self.finished_at,
+        }
+    }
+}
+
+/// The client of the job's source connection, with the refresh token that
+/// `nightjar auth login` stored, if the connection uses one.
+pub(crate) async fn source_client(
+    engine: &Engine,
     project: &Project,
     state: &StateStore,
-    job: &Job,
+    job: &JobPlan,
+) -> Result<RunClient, RunError> {
+    let name = &job.source.connection;
+    let Some(Connection::Salesforce(conn)) = project.connection(name) else {
+        return Err(RunError::Job {
+            job: job.name.clone(),
+            message: format!("source connection `{name}` is not a Salesforce connection"),
+        });
+    };
+    let shared = engine.clients.get(name, conn)?;
+    if conn.auth == AuthFlow::RefreshToken {
+        shared.set_refresh_token(state.refresh_token(name).await?);
+    }
+    Ok(shared.for_run())
+}
+
+/// The run proper. Returns the new watermark (the window's upper bound)
+/// once the target commit has succeeded.
+async fn execute(
+    engine: &Engine,
+    project: &Project,
+    state: &StateStore,
+    job: &JobPlan,
     run: RunId,
     progress: &mut Progress,
 ) -> Result<Option<DateTime<Utc>>, RunError> {
-    let spec = &job.spec;
-    let source = &spec.source;
-    let conn_name = source.connection.get_ref();
-    let Some(Connection::Salesforce(conn)) = project.connection(conn_name) else {
-        return Err(RunError::Job {
-            job: job.name.clone(),
-            message: format!("source connection `{conn_name}` is not a Salesforce connection"),
-        });
-    };
-    let mapping = Mapping::new(spec, &job.mapping)?;
-    let schema = mapping.schema();
-    // One client per connection for the whole process: runs share its token
-    // and its Bulk job slots; the retry budget is per run.
-    let shared = SalesforceClient::shared(conn_name, conn)?;
-    if conn.auth == AuthFlow::RefreshToken {
-        shared.set_refresh_token(state.refresh_token(conn_name)?);
-    }
-    let client = shared.for_run();
+    let source = &job.source;
+    let client = source_client(engine, project, state, job).await?;
     progress.api_calls = Some(client.api_calls());
 
     let started = Utc::now();
@@ -266,31 +345,31 @@ async fn execute(
     // The limits guard and the server clock come from one /limits call.
     let limits = client.limits().await?;
     client.check_budget(&limits)?;
-    let server_now = limits.server_now;
-    let watermark = state.watermark(&job.name)?;
-    let window = source.cursor.as_ref().map(|_| plan_window(watermark, server_now, source.lookback, source.settle));
-    state.set_window(run, window.and_then(|w| w.start), window.map(|w| w.end), watermark)?;
+    let watermark = state.watermark(&job.name).await?;
+    let window =
+        source.cursor.as_ref().map(|_| plan_window(watermark, limits.server_now, source.lookback, source.settle));
+    state.set_window(run, window.and_then(|w| w.start), window.map(|w| w.end), watermark).await?;
     progress.window = window;
-    state.record_step(run, "plan", started, clock.elapsed())?;
+    state.record_step(run, "plan", started, clock.elapsed()).await?;
 
-    let mut target = open_target(project, job).await?;
-    target.prepare(&schema, run).await?;
-    let loaded = load_pages(state, job, run, &client, &mapping, &mut *target, window, progress).await;
-    let counts = match loaded {
-        Ok(()) => {
-            let started = Utc::now();
-            let clock = Instant::now();
-            let result = target.commit().await;
-            state.record_step(run, "commit", started, clock.elapsed())?;
-            result?
-        }
-        Err(e) => {
-            if let Err(abort) = target.abort().await {
-                tracing::warn!(run, error = %abort, "dropping staging after a failure also failed");
-            }
-            return Err(e);
-        }
+    let mut target = open_target(job, engine.hooks.clone()).await?;
+    target.prepare(&MergePlan::for_job(job, run)).await?;
+    let (target, loaded) = extract_and_stage(engine, state, job, run, &client, target, window, progress).await;
+    let Some(mut target) = target else {
+        // A stage panicked holding the target; dropping it rolled it back.
+        return Err(loaded.err().unwrap_or_else(|| RunError::Internal("the target was lost".into())));
     };
+    if let Err(e) = loaded {
+        if let Err(abort) = target.abort().await {
+            tracing::warn!(run, error = %abort, "dropping staging after a failure also failed");
+        }
+        return Err(e);
+    }
+    let started = Utc::now();
+    let clock = Instant::now();
+    let committed = target.commit().await;
+    state.record_step(run, "commit", started, clock.elapsed()).await?;
+    let counts = committed?;
     progress.counts.inserted = counts.inserted;
     progress.counts.updated = counts.updated;
     progress.counts.unchanged = counts.unchanged;
@@ -298,131 +377,98 @@ async fn execute(
     Ok(window.map(|w| w.end))
 }
 
+/// The Bulk query job, then the pipeline over its results into the target,
+/// which comes back unless a stage panicked with it.
 #[allow(clippy::too_many_arguments)]
-async fn load_pages(
+async fn extract_and_stage(
+    engine: &Engine,
     state: &StateStore,
-    job: &Job,
+    job: &JobPlan,
     run: RunId,
     client: &RunClient,
-    mapping: &Mapping,
-    target: &mut dyn crate::load::Target,
+    target: Box<dyn crate::load::Target>,
     window: Option<Window>,
     progress: &mut Progress,
+) -> (Option<Box<dyn crate::load::Target>>, Result<(), RunError>) {
+    match query_job(state, job, run, client, window, progress).await {
+        // The Bulk job slot is held until its results are staged.
+        Ok((info, _slot)) => {
+            let load_started = Utc::now();
+            let input = pipeline::PipelineInput {
+                job: job.name.clone(),
+                run,
+                state: state.clone(),
+                hooks: engine.hooks.clone(),
+                progress: engine.progress.clone(),
+            };
+            let pages = ResultPages::new(client, &info, job.source.page_size);
+            let (target, staged) = pipeline::run_pipeline(input, pages, Mapping::new(job), target, progress).await;
+            let checked = match staged {
+                Ok(staged) => after_staging(state, job, run, load_started, staged, progress).await,
+                Err(e) => Err(e),
+            };
+            (target, checked)
+        }
+        Err(e) => (Some(target), Err(e)),
+    }
+}
+
+/// Step timings, then the reject ratio.
+async fn after_staging(
+    state: &StateStore,
+    job: &JobPlan,
+    run: RunId,
+    load_started: DateTime<Utc>,
+    staged: pipeline::Staged,
+    progress: &Progress,
 ) -> Result<(), RunError> {
-    let source = &job.spec.source;
-    let fields: Vec<&str> = source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
-    let soql = build_soql(
-        &fields,
-        source.object.get_ref(),
-        source.where_clause.as_deref(),
-        source.cursor.as_ref().map(|c| c.get_ref().as_str()),
-        window,
-    );
-    tracing::debug!(job = %job.name, %soql, "creating query job");
-
-    let started = Utc::now();
-    let clock = Instant::now();
-    // Held until the results are downloaded: at most max_concurrent_jobs
-    // Bulk jobs per connection at once.
-    let _slot = client.job_slot().await;
-    let created = client.create_query_job(&soql, source.include_deleted).await?;
-    let sf_job = created.id.clone();
-    progress.salesforce_job_ids.push(sf_job.clone());
-    state.add_salesforce_job(run, &sf_job)?;
-    let mut guard = JobGuard::new(client, &sf_job);
-    let waited = client.wait_for_job(&sf_job).await;
-    guard.disarm();
-    if let Err(e) = waited {
-        if !matches!(e, SalesforceError::JobFailed { .. } | SalesforceError::JobAborted { .. })
-            && let Err(abort) = client.abort_job(&sf_job).await
-        {
-            tracing::warn!(job = %job.name, sf_job = %sf_job, error = %abort, "could not abort the Salesforce job");
-        }
-        return Err(e.into());
-    }
-    state.record_step(run, "extract", started, clock.elapsed())?;
-
-    // Download, parse and mapping run ahead in their own task, so they
-    // overlap with staging into the target (which mostly waits on the
-    // database): page N+1 is fetched and mapped while page N is staged.
-    let (tx, mut rx) = mpsc::channel::<Result<MappedPageOf, RunError>>(PAGES_IN_FLIGHT);
-    let producer = {
-        let client = client.clone();
-        let sf_job = sf_job.clone();
-        let page_size = source.page_size;
-        let mapping = Arc::new(mapping.clone());
-        tokio::spawn(async move {
-            let mut locator: Option<String> = None;
-            let mut number = 1;
-            loop {
-                let page = match client.results_page(&sf_job, locator.as_deref(), page_size, number).await {
-                    Ok(page) => page,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        break;
-                    }
-                };
-                let next = page.next_locator.clone();
-                let mapping = Arc::clone(&mapping);
-                // Mapping is CPU work: off the async workers.
-                let mapped = tokio::task::spawn_blocking(move || {
-                    let clock = Instant::now();
-                    let mapped = mapping.apply(&page.frame);
-                    drop(page.frame);
-                    mapped.map(|mapped| MappedPageOf { number: page.number, mapped, took: clock.elapsed() })
-                })
-                .await;
-                let mapped = match mapped {
-                    Ok(result) => result.map_err(RunError::from),
-                    Err(join) => Err(RunError::Transform(TransformError::Invalid(format!(
-                        "mapping page {number} stopped unexpectedly (a bug in nightjar; please report it): {join}"
-                    )))),
-                };
-                let failed = mapped.is_err();
-                if tx.send(mapped).await.is_err() || failed || next.is_none() {
-                    break;
-                }
-                locator = next;
-                number += 1;
-            }
-        })
-    };
-
-    let mut transform_time = std::time::Duration::ZERO;
-    let mut load_time = std::time::Duration::ZERO;
-    let load_started = Utc::now();
-    let result = async {
-        while let Some(page) = rx.recv().await {
-            let MappedPageOf { number, mapped, took } = page?;
-            transform_time += took;
-            progress.counts.pages += 1;
-            progress.counts.extracted += mapped.rows_in as u64;
-            progress.counts.filtered += mapped.rows_filtered as u64;
-            progress.counts.rejected += mapped.rejects.len() as u64;
-            if !mapped.rejects.is_empty() {
-                state.add_rejects(run, &mapped.rejects)?;
-            }
-            let clock = Instant::now();
-            target.stage(&mapped.frame).await?;
-            crate::load::pause_point("stage");
-            load_time += clock.elapsed();
-            tracing::debug!(job = %job.name, page = number, rows = mapped.rows_in, "page staged");
-            if let Some(sink) = PROGRESS.get() {
-                sink(&job.name, progress.counts.pages, progress.counts.extracted);
-            }
-        }
-        Ok::<(), RunError>(())
-    }
-    .await;
-    producer.abort();
-    result?;
-    state.record_step(run, "transform", load_started, transform_time)?;
-    state.record_step(run, "load", load_started, load_time)?;
-
+    state.record_step(run, "transform", load_started, staged.transform_time).await?;
+    state.record_step(run, "load", load_started, staged.load_time).await?;
     let c = &progress.counts;
-    let max = job.spec.transform.max_reject_ratio;
+    let max = job.max_reject_ratio;
     if c.rejected > 0 && (c.rejected as f64) > max * (c.extracted as f64) {
         return Err(RunError::TooManyRejects { run, rejected: c.rejected, extracted: c.extracted, max });
     }
     Ok(())
+}
+
+/// Creates the Bulk query job and waits until it completes; returns it with
+/// its slot among the connection's `max_concurrent_jobs`.
+async fn query_job(
+    state: &StateStore,
+    job: &JobPlan,
+    run: RunId,
+    client: &RunClient,
+    window: Option<Window>,
+    progress: &mut Progress,
+) -> Result<(crate::salesforce::JobInfo, tokio::sync::OwnedSemaphorePermit), RunError> {
+    let source = &job.source;
+    let soql = build_soql(source, window);
+    tracing::debug!(job = %job.name, %soql, "creating query job");
+
+    let started = Utc::now();
+    let clock = Instant::now();
+    // At most max_concurrent_jobs Bulk jobs per connection at once.
+    let slot = client.job_slot().await;
+    let created = client.create_query_job(&soql, source.include_deleted).await?;
+    let sf_job = created.id.clone();
+    progress.salesforce_job_ids.push(sf_job.clone());
+    state.add_salesforce_job(run, &sf_job).await?;
+    let mut guard = JobGuard::new(client, &sf_job);
+    let waited = client.wait_for_job(&sf_job).await;
+    guard.disarm();
+    let info = match waited {
+        Ok(info) => info,
+        Err(e) => {
+            if !matches!(e, SalesforceError::JobFailed { .. } | SalesforceError::JobAborted { .. })
+                && let Err(abort) = client.abort_job(&sf_job).await
+            {
+                tracing::warn!(job = %job.name, sf_job = %sf_job, error = %abort, "could not abort the Salesforce job");
+            }
+            return Err(e.into());
+        }
+    };
+    progress.counts.reported = info.number_records_processed;
+    state.record_step(run, "extract", started, clock.elapsed()).await?;
+    Ok((info, slot))
 }

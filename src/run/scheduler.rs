@@ -1,11 +1,8 @@
 //! `nightjar serve`: runs enabled jobs on their schedules.
 //!
-//! tokio-cron-scheduler only ticks, once a second, in UTC. Each job's next
-//! fire time is computed here with croner in the job's own time zone
-//! (chrono-tz), because the scheduler turns a time zone into a fixed UTC
-//! offset when a job is created: a `0 0 6 * * *` Europe/Berlin job would
-//! fire at 07:00 local after the spring DST change. Computing the instant
-//! from local wall-clock time each time keeps it at 06:00 all year.
+//! tokio-cron-scheduler only ticks this loop, once a second, in UTC; each
+//! job's fire times come from its compiled [`Schedule`] (croner in the job's
+//! own time zone, so DST changes do not shift them).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -14,19 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
-use croner::Cron;
-use croner::parser::{CronParser, Seconds};
 use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler, JobSchedulerError};
 
-use crate::config::Project;
+use crate::backoff::Backoff;
+use crate::config::{Project, Schedule};
+use crate::outcome::{RunStatus, Trigger};
 use crate::state::{StateError, StateStore};
 
-use super::{Attempt, RunError, run_job_attempt};
-use crate::state::RunStatus;
+use super::{Attempt, Engine, RunError, run_job_attempt};
 
 /// How long a shutdown waits for runs in flight before it stops them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
@@ -34,73 +29,33 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// How often the alert sender looks at the outbox while serving.
 const ALERT_POLL: Duration = Duration::from_secs(30);
 
+/// How long shutdown waits for the alert sender to notice it.
+const SENDER_STOP: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("jobs/{job}.toml: schedule `{schedule}`: {message} (6 fields, seconds first, e.g. \"0 30 2 * * *\")")]
-    Schedule { job: String, schedule: String, message: String },
-    #[error("jobs/{job}.toml: unknown timezone `{timezone}`; use an IANA name such as \"Europe/Berlin\" or \"UTC\"")]
-    Timezone { job: String, timezone: String },
     #[error("the scheduler failed: {0}")]
     Scheduler(#[from] JobSchedulerError),
     #[error(transparent)]
     State(#[from] StateError),
 }
 
-/// A job's cron expression in its time zone.
-#[derive(Debug, Clone)]
-pub struct Schedule {
-    cron: Cron,
-    tz: Tz,
-}
-
-impl Schedule {
-    /// Parses a 6-field cron expression (seconds first) the way
-    /// tokio-cron-scheduler does: day-of-month and day-of-week are ANDed.
-    /// `timezone` is an IANA name; `None` means UTC.
-    pub fn parse(job: &str, expr: &str, timezone: Option<&str>) -> Result<Schedule, ServeError> {
-        let cron = CronParser::builder()
-            .seconds(Seconds::Required)
-            .dom_and_dow(true)
-            .build()
-            .parse(expr)
-            .map_err(|e| ServeError::Schedule { job: job.into(), schedule: expr.into(), message: e.to_string() })?;
-        let tz = match timezone {
-            None => Tz::UTC,
-            Some(name) => {
-                name.parse::<Tz>().map_err(|_| ServeError::Timezone { job: job.into(), timezone: name.into() })?
-            }
-        };
-        Ok(Schedule { cron, tz })
-    }
-
-    /// The latest fire time at or before `now`.
-    pub fn last_at_or_before(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_previous_occurrence(&now.with_timezone(&self.tz), true).ok().map(|t| t.with_timezone(&Utc))
-    }
-
-    /// The first fire time strictly after `after`, evaluated on the wall
-    /// clock of the job's time zone (so DST changes move the UTC instant).
-    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_next_occurrence(&after.with_timezone(&self.tz), false).ok().map(|t| t.with_timezone(&Utc))
-    }
-}
-
-/// Every enabled job with a schedule, parsed; the first bad one is an error.
-pub fn schedules(project: &Project) -> Result<Vec<(String, Schedule)>, ServeError> {
-    let mut out = Vec::new();
-    for job in project.jobs.values().filter(|j| j.spec.enabled) {
-        let Some(expr) = &job.spec.schedule else { continue };
-        let tz = job.spec.timezone.as_ref().map(|t| t.get_ref().as_str());
-        out.push((job.name.clone(), Schedule::parse(&job.name, expr.get_ref(), tz)?));
-    }
-    Ok(out)
+/// Every enabled job with a schedule.
+pub fn schedules(project: &Project) -> Vec<(String, Schedule)> {
+    project
+        .jobs
+        .values()
+        .filter(|j| j.enabled)
+        .filter_map(|j| j.schedule.clone().map(|s| (j.name.clone(), s)))
+        .collect()
 }
 
 /// What every run task of `serve` shares.
 #[derive(Clone)]
 struct Runner {
+    engine: Arc<Engine>,
     project: Arc<Project>,
-    state: Arc<StateStore>,
+    state: StateStore,
     permits: Arc<Semaphore>,
     in_flight: Arc<Mutex<HashSet<String>>>,
     stopping: watch::Receiver<bool>,
@@ -110,17 +65,27 @@ struct Runner {
 impl Runner {
     /// Starts a run series for `name` unless one is still going, in which
     /// case the skip is recorded.
-    fn start(&self, runs: &mut JoinSet<()>, name: &str, trigger: &'static str) {
+    fn start(&self, runs: &mut JoinSet<()>, name: &str, trigger: Trigger) {
         let fresh = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
+        let (runner, name) = (self.clone(), name.to_string());
         if !fresh {
-            skip(&self.state, name, trigger, "the previous run of this job was still going");
+            runs.spawn(async move {
+                skip(&runner.state, &name, trigger, "the previous run of this job was still going").await;
+            });
             return;
         }
-        let (runner, name) = (self.clone(), name.to_string());
         runs.spawn(async move {
             let _permit = runner.permits.clone().acquire_owned().await;
-            run_series(&runner.project, &runner.state, &name, trigger, runner.stopping.clone(), runner.cancel.clone())
-                .await;
+            run_series(
+                &runner.engine,
+                &runner.project,
+                &runner.state,
+                &name,
+                trigger,
+                runner.stopping.clone(),
+                runner.cancel.clone(),
+            )
+            .await;
             runner.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
         });
     }
@@ -139,14 +104,19 @@ fn next_times(schedules: &[(String, Schedule)], now: DateTime<Utc>) -> HashMap<S
 /// Jobs with `catch_up = true` whose last scheduled time passed after their
 /// last run started: nightjar was down then. A job that never ran has
 /// missed nothing (a fresh install runs on its schedule).
-fn missed(project: &Project, state: &StateStore, schedules: &[(String, Schedule)], now: DateTime<Utc>) -> Vec<String> {
+async fn missed(
+    project: &Project,
+    state: &StateStore,
+    schedules: &[(String, Schedule)],
+    now: DateTime<Utc>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (name, schedule) in schedules {
-        if !project.jobs.get(name).is_some_and(|j| j.spec.catch_up) {
+        if !project.jobs.get(name).is_some_and(|j| j.catch_up) {
             continue;
         }
         let Some(due) = schedule.last_at_or_before(now) else { continue };
-        match state.last_run_started(name) {
+        match state.last_run_started(name).await {
             Ok(Some(last)) if last < due => {
                 tracing::info!(job = %name, missed = %crate::state::ts(due), "catching up a missed scheduled time");
                 out.push(name.clone());
@@ -165,16 +135,17 @@ fn missed(project: &Project, state: &StateStore, schedules: &[(String, Schedule)
 /// the old schedules stay. A change to the job, mapping or config files
 /// (checked every second) reloads the same way.
 pub async fn serve(
+    engine: Arc<Engine>,
     project: Arc<Project>,
-    state: Arc<StateStore>,
+    state: StateStore,
     config: Option<PathBuf>,
     grace: Duration,
     stop: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     // First, so a SIGHUP from here on reloads instead of killing the process.
     let mut hangup = Hangup::new();
-    let mut schedules = schedules(&project)?;
-    let closed = super::recover_abandoned(&project, &state).await?;
+    let mut schedules = schedules(&project);
+    let closed = super::recover_abandoned(&engine, &project, &state).await?;
     if !closed.is_empty() {
         tracing::warn!(runs = ?closed, "marked runs left running by a dead process abandoned");
     }
@@ -203,8 +174,9 @@ pub async fn serve(
     // the runs in flight are done.
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let limit = project.global.limits.max_concurrent_runs.max(1) as usize;
+    let limit = project.max_concurrent_runs.max(1) as usize;
     let mut runner = Runner {
+        engine: engine.clone(),
         project: project.clone(),
         state: state.clone(),
         permits: Arc::new(Semaphore::new(limit)),
@@ -213,8 +185,8 @@ pub async fn serve(
         cancel: cancel_rx,
     };
     let mut runs = JoinSet::new();
-    for name in missed(&project, &state, &schedules, start) {
-        runner.start(&mut runs, &name, "catch_up");
+    for name in missed(&project, &state, &schedules, start).await {
+        runner.start(&mut runs, &name, Trigger::CatchUp);
     }
 
     let sender = match crate::alert::mailer(&project) {
@@ -265,7 +237,7 @@ pub async fn serve(
                         Some(t) => next.insert(name.clone(), t),
                         None => next.remove(name),
                     };
-                    runner.start(&mut runs, name, "schedule");
+                    runner.start(&mut runs, name, Trigger::Schedule);
                 }
             }
             Some(done) = runs.join_next(), if !runs.is_empty() => {
@@ -290,8 +262,12 @@ pub async fn serve(
         while runs.join_next().await.is_some() {}
     }
     let _ = stop_tx.send(true);
-    if let Some(sender) = sender {
-        let _ = sender.await;
+    if let Some(mut sender) = sender {
+        // The sender stops between and within passes; should a send still
+        // hang, shutdown does not wait on it (the alert stays pending).
+        if tokio::time::timeout(SENDER_STOP, &mut sender).await.is_err() {
+            sender.abort();
+        }
     }
     Ok(())
 }
@@ -306,9 +282,9 @@ fn reload(
     schedules: &mut Vec<(String, Schedule)>,
     next: &mut HashMap<String, DateTime<Utc>>,
 ) {
-    let loaded = Project::load(config).map_err(|e| e.to_string()).and_then(|p| {
-        let s = self::schedules(&p).map_err(|e| e.to_string())?;
-        Ok((p, s))
+    let loaded = Project::load(config).map_err(|e| e.to_string()).map(|p| {
+        let s = self::schedules(&p);
+        (p, s)
     });
     match loaded {
         Ok((project, new)) => {
@@ -370,20 +346,15 @@ impl Hangup {
 }
 
 /// Records a scheduled time that did not run, and says so in the log.
-fn skip(state: &StateStore, job: &str, trigger: &str, reason: &str) {
+async fn skip(state: &StateStore, job: &str, trigger: Trigger, reason: &str) {
     tracing::warn!(job, reason, "skipping this scheduled time");
-    if let Err(e) = state.record_skipped(job, trigger, &format!("skipped: {reason}"), Utc::now()) {
+    if let Err(e) = state.record_skipped(job, trigger, &format!("skipped: {reason}"), Utc::now()).await {
         tracing::error!(job, error = %e, "could not record the skipped run");
     }
 }
 
-/// The delay before retry number `retry` (1 for the first retry):
-/// `backoff` doubled each time, times a jitter in [0.8, 1.2) so jobs that
-/// failed together do not retry in lockstep.
-pub fn retry_delay(backoff: Duration, retry: u32, jitter: f64) -> Duration {
-    let factor = 2f64.powi(retry.saturating_sub(1).min(16) as i32);
-    backoff.mul_f64(factor * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
-}
+/// A job's retries never wait longer than this between attempts.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(6 * 3600);
 
 /// One scheduled time: the run, and its retries per the job's `retries`
 /// (`attempts` counts every attempt, the first included). Each attempt is
@@ -391,27 +362,28 @@ pub fn retry_delay(backoff: Duration, retry: u32, jitter: f64) -> Duration {
 /// is alerted. `stopping` ends the series between attempts; `cancel`
 /// stops the attempt in flight.
 pub async fn run_series(
+    engine: &Engine,
     project: &Project,
     state: &StateStore,
     name: &str,
-    trigger: &str,
+    trigger: Trigger,
     mut stopping: watch::Receiver<bool>,
     cancel: watch::Receiver<bool>,
 ) {
-    let retries = project.jobs.get(name).and_then(|j| j.spec.retries.clone());
-    let attempts = retries.as_ref().map_or(1, |r| r.attempts.max(1));
+    let retries = project.jobs.get(name).and_then(|j| j.retries);
+    let attempts = retries.map_or(1, |r| r.attempts.max(1));
     let mut first_run = None;
     for number in 1..=attempts {
         let attempt = Attempt { number, last: number == attempts, first_run };
-        let trigger = if number == 1 { trigger } else { "retry" };
+        let trigger = if number == 1 { trigger } else { Trigger::Retry };
         let mut cancel = cancel.clone();
         let cancelled = async move {
             let _ = cancel.wait_for(|c| *c).await;
         };
-        let report = match run_job_attempt(project, state, name, trigger, attempt, cancelled).await {
+        let report = match run_job_attempt(engine, project, state, name, trigger, attempt, cancelled).await {
             Ok(report) => report,
             Err(RunError::Locked(holder)) => {
-                skip(state, name, trigger, &holder.to_string());
+                skip(state, name, trigger, &holder.to_string()).await;
                 return;
             }
             Err(e) => {
@@ -427,55 +399,11 @@ pub async fn run_series(
             return;
         }
         let Some(r) = &retries else { return };
-        let delay = retry_delay(r.backoff, number, fastrand::f64());
+        let delay = Backoff::new(r.backoff, MAX_RETRY_DELAY).delay(number);
         tracing::warn!(job = %name, run = report.run_id, attempt = number, retry_in = ?delay, "run failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    #[test]
-    fn a_local_schedule_keeps_its_wall_clock_time_across_dst_changes() {
-        // Berlin: CET (UTC+1) until 2026-03-29 01:00Z, CEST (UTC+2) until 2026-10-25 01:00Z.
-        let s = Schedule::parse("j", "0 0 6 * * *", Some("Europe/Berlin")).unwrap();
-        let spring: Vec<DateTime<Utc>> =
-            std::iter::successors(s.next_after(at("2026-03-27T12:00:00Z")), |t| s.next_after(*t)).take(3).collect();
-        assert_eq!(
-            spring,
-            vec![at("2026-03-28T05:00:00Z"), at("2026-03-29T04:00:00Z"), at("2026-03-30T04:00:00Z")],
-            "06:00 local before and after the spring change"
-        );
-        let autumn: Vec<DateTime<Utc>> =
-            std::iter::successors(s.next_after(at("2026-10-23T12:00:00Z")), |t| s.next_after(*t)).take(3).collect();
-        assert_eq!(autumn, vec![at("2026-10-24T04:00:00Z"), at("2026-10-25T05:00:00Z"), at("2026-10-26T05:00:00Z")]);
-    }
-
-    #[test]
-    fn retry_delays_double_from_backoff_within_the_jitter() {
-        let b = Duration::from_secs(60);
-        assert_eq!(retry_delay(b, 1, 0.5), Duration::from_secs(60));
-        assert_eq!(retry_delay(b, 2, 0.5), Duration::from_secs(120));
-        assert_eq!(retry_delay(b, 3, 0.0), Duration::from_secs(192));
-        assert_eq!(retry_delay(b, 1, 1.0), Duration::from_secs(72));
-    }
-
-    #[test]
-    fn no_timezone_means_utc_and_seconds_are_required() {
-        let s = Schedule::parse("j", "*/2 * * * * *", None).unwrap();
-        assert_eq!(s.next_after(at("2026-01-01T00:00:01Z")), Some(at("2026-01-01T00:00:02Z")));
-        let five = Schedule::parse("j", "0 2 * * *", None).unwrap_err().to_string();
-        assert!(five.contains("jobs/j.toml: schedule `0 2 * * *`"), "{five}");
-        let tz = Schedule::parse("j", "0 0 2 * * *", Some("Mars/Olympus")).unwrap_err().to_string();
-        assert!(tz.contains("unknown timezone `Mars/Olympus`"), "{tz}");
     }
 }

@@ -136,7 +136,8 @@ fn jwt_assertion(connection: &str, conn: &SalesforceConnection) -> Result<String
     let (Some(username), Some(key_file)) = (&conn.username, &conn.private_key_file) else {
         return Err(config_error("`jwt_bearer` needs `username` and `private_key_file`".into()));
     };
-    let pem = std::fs::read(key_file.as_str())
+    let key_file = key_file.display();
+    let pem = std::fs::read(conn.private_key_file.as_deref().unwrap_or(std::path::Path::new("")))
         .map_err(|e| config_error(format!("cannot read private_key_file `{key_file}`: {e}")))?;
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).map_err(|e| {
         config_error(format!("private_key_file `{key_file}` is not a PEM RSA private key ({e}); use the key whose certificate is uploaded to the connected app"))

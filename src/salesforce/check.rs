@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde::Deserialize;
 
 use super::{Call, RunClient, SalesforceClient, SalesforceError, json_body};
-use crate::config::{AuthFlow, Connection, Diagnostic, Job, Project, at};
+use crate::config::{AuthFlow, Connection, Diagnostic, JobPlan, Project};
 use crate::state::StateStore;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,24 +89,21 @@ impl RunClient {
 /// the job file. Describes are cached per object for the whole check.
 pub async fn check_job_fields(
     client: &RunClient,
-    job: &Job,
+    job: &JobPlan,
     cache: &mut HashMap<String, Option<ObjectDescribe>>,
 ) -> Result<Vec<Diagnostic>, SalesforceError> {
-    let source = &job.spec.source;
-    let object = source.object.get_ref();
+    let source = &job.source;
+    let object = &source.object;
     let mut diags = Vec::new();
     let Some(describe) = cached(client, object, cache).await? else {
-        diags.push(at(
-            &job.file,
-            source.object.span(),
+        diags.push(job.diagnostic(
+            job.positions.object,
             format!("object `{object}` does not exist in the org (or the integration user cannot see it)"),
         ));
         return Ok(diags);
     };
-    let mut fields: Vec<&toml::Spanned<String>> = source.fields.get_ref().iter().collect();
-    fields.extend(source.cursor.iter());
-    for field in fields {
-        let name = field.get_ref();
+    // The cursor is one of the fields (config checks that).
+    for (i, name) in source.fields.iter().enumerate() {
         let problem = match name.split_once('.') {
             None => (!describe.fields.iter().any(|f| f.name.eq_ignore_ascii_case(name)))
                 .then(|| format!("field `{name}` does not exist on {} (check its API name)", describe.name)),
@@ -142,7 +139,7 @@ pub async fn check_job_fields(
             }
         };
         if let Some(message) = problem {
-            diags.push(at(&job.file, field.span(), message));
+            diags.push(job.diagnostic(job.positions.fields.get(i).copied().unwrap_or_default(), message));
         }
     }
     Ok(diags)
@@ -163,7 +160,7 @@ async fn cached(
 
 /// A client for a check: its own token, with the stored refresh token when
 /// the connection uses the refresh_token flow.
-pub fn check_client(
+pub async fn check_client(
     name: &str,
     conn: &crate::config::SalesforceConnection,
     state: Option<&StateStore>,
@@ -174,6 +171,7 @@ pub fn check_client(
     {
         let stored = state
             .refresh_token(name)
+            .await
             .map_err(|e| SalesforceError::Config { connection: name.into(), message: e.to_string() })?;
         client.set_refresh_token(stored);
     }
@@ -199,12 +197,9 @@ pub async fn check(project: &Project, only: Option<&str>, state: Option<&StateSt
     let mut lines = Vec::new();
     let mut ok = true;
     let mut names: Vec<&String> = project
-        .global
         .connections
         .iter()
-        .filter(|(name, conn)| {
-            matches!(conn.get_ref(), Connection::Salesforce(_)) && only.is_none_or(|o| o == name.as_str())
-        })
+        .filter(|(name, conn)| matches!(conn, Connection::Salesforce(_)) && only.is_none_or(|o| o == name.as_str()))
         .map(|(name, _)| name)
         .collect();
     names.sort();
@@ -216,7 +211,7 @@ pub async fn check(project: &Project, only: Option<&str>, state: Option<&StateSt
     }
     for name in names {
         let Some(Connection::Salesforce(conn)) = project.connection(name) else { continue };
-        let client = match check_client(name, conn, state) {
+        let client = match check_client(name, conn, state).await {
             Ok(client) => client,
             Err(e) => {
                 lines.push(format!("connection `{name}`: FAILED: {e}"));
@@ -260,13 +255,13 @@ pub async fn check(project: &Project, only: Option<&str>, state: Option<&StateSt
             ok = false;
         }
         let mut cache = HashMap::new();
-        for job in project.jobs.values().filter(|j| j.spec.source.connection.get_ref() == name) {
+        for job in project.jobs.values().filter(|j| &j.source.connection == name) {
             match check_job_fields(&client, job, &mut cache).await {
                 Ok(diags) if diags.is_empty() => lines.push(format!(
                     "  job `{}`: {} and its {} field(s) exist",
                     job.name,
-                    job.spec.source.object.get_ref(),
-                    job.spec.source.fields.get_ref().len()
+                    job.source.object,
+                    job.source.fields.len()
                 )),
                 Ok(diags) => {
                     ok = false;
@@ -292,10 +287,10 @@ pub async fn validate_online(
     let mut diags = Vec::new();
     let mut clients: HashMap<String, (RunClient, HashMap<String, Option<ObjectDescribe>>)> = HashMap::new();
     for job in project.jobs.values() {
-        let name = job.spec.source.connection.get_ref();
+        let name = &job.source.connection;
         let Some(Connection::Salesforce(conn)) = project.connection(name) else { continue };
         if !clients.contains_key(name) {
-            clients.insert(name.clone(), (check_client(name, conn, state)?, HashMap::new()));
+            clients.insert(name.clone(), (check_client(name, conn, state).await?, HashMap::new()));
         }
         if let Some((client, cache)) = clients.get_mut(name) {
             diags.extend(check_job_fields(client, job, cache).await?);

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{RunId, StateError, StateStore, ts};
+use super::{RunId, StateDb, StateError, ts};
 
 /// Who holds a job's lock, for the message of the attempt that was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,45 +61,19 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// A held job lock; dropping it releases the lock.
-pub struct JobLock<'a> {
-    state: &'a StateStore,
-    job: String,
-    pid: u32,
-    acquired_at: String,
+/// Proof of a held job lock: who took it and when. [`super::StateStore`]
+/// wraps it in a guard that releases it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockToken {
+    pub job: String,
+    pub pid: u32,
+    pub acquired_at: String,
 }
 
-impl JobLock<'_> {
-    pub fn job(&self) -> &str {
-        &self.job
-    }
-
-    /// Names the run the lock is for, so a refused attempt can say which.
-    pub fn set_run(&self, run: RunId) -> Result<(), StateError> {
-        self.state.conn().execute(
-            "UPDATE job_locks SET run_id = ?2 WHERE job = ?1 AND pid = ?3 AND acquired_at = ?4",
-            params![self.job, run, self.pid, self.acquired_at],
-        )?;
-        Ok(())
-    }
-}
-
-impl Drop for JobLock<'_> {
-    fn drop(&mut self) {
-        let deleted = self.state.conn().execute(
-            "DELETE FROM job_locks WHERE job = ?1 AND pid = ?2 AND acquired_at = ?3",
-            params![self.job, self.pid, self.acquired_at],
-        );
-        if let Err(e) = deleted {
-            tracing::warn!(job = %self.job, error = %e, "could not release the job lock; the next run takes it over");
-        }
-    }
-}
-
-impl StateStore {
+impl StateDb {
     /// Takes `job`'s lock, or says who holds it. A stale lock (its process
     /// is dead, on this host) is taken over.
-    pub fn try_lock_job(&self, job: &str, now: DateTime<Utc>) -> Result<Result<JobLock<'_>, LockHolder>, StateError> {
+    pub fn try_lock_job(&self, job: &str, now: DateTime<Utc>) -> Result<Result<LockToken, LockHolder>, StateError> {
         let host = host_name();
         let pid = std::process::id();
         let acquired_at = ts(now);
@@ -130,7 +104,25 @@ impl StateStore {
         )?;
         tx.commit()?;
         drop(conn);
-        Ok(Ok(JobLock { state: self, job: job.to_string(), pid, acquired_at }))
+        Ok(Ok(LockToken { job: job.to_string(), pid, acquired_at }))
+    }
+
+    /// Names the run the lock is for, so a refused attempt can say which.
+    pub fn set_lock_run(&self, lock: &LockToken, run: RunId) -> Result<(), StateError> {
+        self.conn().execute(
+            "UPDATE job_locks SET run_id = ?2 WHERE job = ?1 AND pid = ?3 AND acquired_at = ?4",
+            params![lock.job, run, lock.pid, lock.acquired_at],
+        )?;
+        Ok(())
+    }
+
+    /// Releases a lock this process holds (a lock taken over since is left alone).
+    pub fn release_lock(&self, lock: &LockToken) -> Result<(), StateError> {
+        self.conn().execute(
+            "DELETE FROM job_locks WHERE job = ?1 AND pid = ?2 AND acquired_at = ?3",
+            params![lock.job, lock.pid, lock.acquired_at],
+        )?;
+        Ok(())
     }
 
     /// Who holds `job`'s lock now, if anyone.
@@ -161,17 +153,17 @@ mod tests {
     #[test]
     fn a_held_lock_refuses_a_second_taker_and_is_released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("state.db")).unwrap();
+        let store = StateDb::open(&dir.path().join("state.db")).unwrap();
         let lock = store.try_lock_job("accounts", t0()).unwrap().expect("free lock is taken");
         let run = store.open_run("accounts", "manual", t0()).unwrap();
-        lock.set_run(run).unwrap();
+        store.set_lock_run(&lock, run).unwrap();
         let holder = store.try_lock_job("accounts", t0()).unwrap().err().expect("second taker is refused");
         assert_eq!(
             (holder.pid, holder.run_id, holder.since.as_str()),
             (std::process::id(), Some(run), "2026-01-01T00:00:00.000Z")
         );
         assert!(store.try_lock_job("contacts", t0()).unwrap().is_ok(), "locks are per job");
-        drop(lock);
+        store.release_lock(&lock).unwrap();
         assert_eq!(store.lock_holder("accounts").unwrap(), None);
         assert!(store.try_lock_job("accounts", t0()).unwrap().is_ok());
     }
@@ -179,7 +171,7 @@ mod tests {
     #[test]
     fn a_dead_process_lock_is_taken_over_but_not_another_hosts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("state.db")).unwrap();
+        let store = StateDb::open(&dir.path().join("state.db")).unwrap();
         // A pid above Linux's pid_max (2^22) never names a live process.
         let dead = 5_000_000;
         store
@@ -191,7 +183,7 @@ mod tests {
             .unwrap();
         let lock = store.try_lock_job("a", t0()).unwrap().expect("stale lock is taken over");
         assert_eq!(store.lock_holder("a").unwrap().map(|h| h.pid), Some(std::process::id()));
-        drop(lock);
+        store.release_lock(&lock).unwrap();
         let other = store.try_lock_job("b", t0()).unwrap().err().expect("another host's lock is kept");
         assert_eq!(other.host, "elsewhere");
     }

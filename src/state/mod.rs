@@ -1,8 +1,13 @@
-//! The state DB (SQLite, WAL): run history, watermarks, rejects.
+//! The state DB (SQLite, WAL): run history, watermarks, rejects, job locks,
+//! the alert outbox.
 //!
-//! It is the single source of truth for history; `run`, `history` and later
+//! It is the single source of truth for history; `run`, `history` and
 //! `serve` open it at the same time, hence WAL and a busy timeout. Schema
 //! changes are migrations so an older state file upgrades in place.
+//!
+//! [`StateDb`] is the synchronous store; [`StateStore`] is the handle async
+//! code uses: every call runs on one dedicated thread that owns the
+//! connection, so a slow or locked state DB never stalls the async workers.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -14,10 +19,14 @@ use rusqlite_migration::{M, Migrations};
 use serde::Serialize;
 use thiserror::Error;
 
+mod handle;
 mod locks;
 mod outbox;
+pub use handle::{JobLock, StateStore};
 pub use locks::*;
 pub use outbox::*;
+
+pub use crate::outcome::RunStatus;
 
 /// Rejected rows kept per run; the rest are counted, not stored, so one bad
 /// deploy cannot fill the disk.
@@ -37,52 +46,36 @@ pub enum StateError {
     Sql(#[from] rusqlite::Error),
     #[error("state DB holds an unreadable timestamp `{0}`")]
     BadTimestamp(String),
+    #[error(
+        "state DB {path}: {reason}; it is not a nightjar state DB, so nothing was written to it: move it away or point --state / [state].path elsewhere"
+    )]
+    Foreign { path: PathBuf, reason: String },
+    #[error(
+        "state DB {path} has schema version {found}, newer than this nightjar knows ({known}); run a newer nightjar"
+    )]
+    TooNew { path: PathBuf, found: i64, known: usize },
+    #[error("state DB: the state thread stopped ({0}); restart nightjar")]
+    Gone(String),
 }
+
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/001_runs_watermarks.sql"),
+    include_str!("migrations/002_alert_outbox.sql"),
+    include_str!("migrations/003_oauth_tokens.sql"),
+    include_str!("migrations/004_job_locks.sql"),
+    include_str!("migrations/005_rows_filtered.sql"),
+    include_str!("migrations/006_rows_reported.sql"),
+];
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(include_str!("migrations/001_runs_watermarks.sql")),
-        M::up(include_str!("migrations/002_alert_outbox.sql")),
-        M::up(include_str!("migrations/003_oauth_tokens.sql")),
-        M::up(include_str!("migrations/004_job_locks.sql")),
-        M::up(include_str!("migrations/005_rows_filtered.sql")),
-    ])
+    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
 }
+
+/// `PRAGMA application_id` of a nightjar state DB ("NJAR"): tells our file
+/// from any other SQLite database.
+const APPLICATION_ID: i64 = 0x4E4A_4152;
 
 pub type RunId = i64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-    Abandoned,
-}
-
-impl RunStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-            Self::Abandoned => "abandoned",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "running" => Self::Running,
-            "succeeded" => Self::Succeeded,
-            "failed" => Self::Failed,
-            "cancelled" => Self::Cancelled,
-            "abandoned" => Self::Abandoned,
-            _ => return None,
-        })
-    }
-}
 
 /// Row counts of one run, as history shows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -98,6 +91,9 @@ pub struct RunCounts {
     pub deleted: u64,
     /// Salesforce API requests made, retries included.
     pub api_calls: u64,
+    /// Rows Salesforce said the query produced (`numberRecordsProcessed`);
+    /// `extracted` must equal it for a run to commit.
+    pub reported: Option<u64>,
 }
 
 /// How a run ended, written when it closes.
@@ -171,7 +167,8 @@ pub struct RejectRecord {
     pub reason: String,
 }
 
-pub struct StateStore {
+/// The synchronous state store; async code uses [`StateStore`].
+pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
 }
@@ -181,22 +178,91 @@ pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// Opens (or with `create_new`, creates) a file readable by its owner only.
+fn open_private(path: &Path, create_new: bool) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true);
+    if create_new {
+        options.create_new(true);
+    } else {
+        options.create(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Refuses an SQLite file that is not ours (or from a newer nightjar).
+fn check_ours(conn: &Connection, path: &Path, created: bool) -> Result<(), StateError> {
+    let foreign = |reason: String| StateError::Foreign { path: path.into(), reason };
+    let app: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| foreign(format!("it is not an SQLite database ({e})")))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| foreign(e.to_string()))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    if app != 0 && app != APPLICATION_ID {
+        return Err(foreign(format!("its application_id is {app:#x}, not nightjar's")));
+    }
+    if version as usize > MIGRATIONS.len() {
+        return Err(StateError::TooNew { path: path.into(), found: version, known: MIGRATIONS.len() });
+    }
+    // State files of nightjar before application_id was set carry our
+    // migrations' user_version and a `runs` table.
+    if app == 0 && !created && tables > 0 {
+        let runs: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'runs'", [], |r| r.get(0))
+            .map_err(|e| foreign(e.to_string()))?;
+        if version == 0 || runs == 0 {
+            return Err(foreign("it holds tables, but not nightjar's".into()));
+        }
+    }
+    Ok(())
+}
+
 fn parse_ts(s: &str) -> Result<DateTime<Utc>, StateError> {
     DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|_| StateError::BadTimestamp(s.into()))
 }
 
-impl StateStore {
-    pub fn open(path: &Path) -> Result<StateStore, StateError> {
+impl StateDb {
+    /// Opens (creating and migrating if needed) the state DB at `path`.
+    ///
+    /// Several processes may open a fresh state DB at once: creation and
+    /// migration happen under an exclusive lock on a `.lock` file beside it,
+    /// so one migrates and the others find it done. A new file is created
+    /// 0600 (its WAL and SHM files take the same mode), since it holds
+    /// rejected records and may hold refresh tokens. A file that is empty or
+    /// is some other SQLite database is refused, never treated as new.
+    pub fn open(path: &Path) -> Result<StateDb, StateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StateError::Dir { path: path.into(), source })?;
+        }
+        let dir_err = |source| StateError::Dir { path: path.into(), source };
+        let mut lock_name = path.as_os_str().to_owned();
+        lock_name.push(".lock");
+        let lock = open_private(Path::new(&lock_name), false).map_err(dir_err)?;
+        lock.lock().map_err(dir_err)?;
+        let created = match open_private(path, true) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(source) => return Err(StateError::Dir { path: path.into(), source }),
+        };
+        if !created && std::fs::metadata(path).map_err(dir_err)?.len() == 0 {
+            return Err(StateError::Foreign { path: path.into(), reason: "the file is empty".into() });
         }
         let open_err = |source| StateError::Open { path: path.into(), source };
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+        check_ours(&conn, path, created)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
         migrations().to_latest(&mut conn).map_err(|source| StateError::Migrate { path: path.into(), source })?;
-        Ok(StateStore { conn: Mutex::new(conn), path: path.to_path_buf() })
+        conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(open_err)?;
+        drop(lock);
+        let db = StateDb { conn: Mutex::new(conn), path: path.to_path_buf() };
+        db.restrict_permissions()?;
+        Ok(db)
     }
 
     pub fn path(&self) -> &Path {
@@ -204,8 +270,8 @@ impl StateStore {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite half-written
-        // (transactions roll back), so a poisoned lock is still usable.
+        // Only the state thread uses it; a panic while holding it cannot
+        // leave SQLite half-written (transactions roll back).
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -261,7 +327,7 @@ impl StateStore {
     }
 
     /// Keeps rejects up to [`REJECTS_KEPT_PER_RUN`] per run; returns how many were stored.
-    pub fn add_rejects(&self, run: RunId, rejects: &[crate::transform::Reject]) -> Result<usize, StateError> {
+    pub fn add_rejects(&self, run: RunId, rejects: &[crate::schema::Reject]) -> Result<usize, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let kept: i64 = tx.query_row("SELECT count(*) FROM rejects WHERE run_id = ?1", [run], |r| r.get(0))?;
@@ -337,7 +403,8 @@ impl StateStore {
             "UPDATE runs SET status = ?2, finished_at = ?3, watermark_after = ?4,
                  pages = ?5, rows_extracted = ?6, rows_rejected = ?7, rows_inserted = ?8,
                  rows_updated = ?9, rows_unchanged = ?10, rows_deleted = ?11,
-                 sf_job_ids = ?12, error_class = ?13, error = ?14, api_calls = ?15, rows_filtered = ?16
+                 sf_job_ids = ?12, error_class = ?13, error = ?14, api_calls = ?15, rows_filtered = ?16,
+                 rows_reported = ?17
              WHERE id = ?1",
             params![
                 run,
@@ -356,6 +423,7 @@ impl StateStore {
                 end.error,
                 c.api_calls as i64,
                 c.filtered as i64,
+                c.reported.map(|n| n as i64),
             ],
         )?;
         also(&tx)?;
@@ -370,7 +438,7 @@ impl StateStore {
             "SELECT id, job, status, trigger, started_at, finished_at, window_start, window_end,
                     watermark_before, watermark_after, pages, rows_extracted, rows_rejected,
                     rows_inserted, rows_updated, rows_unchanged, rows_deleted, sf_job_ids, error_class, error, attempt, retry_of, api_calls,
-                    rows_filtered
+                    rows_filtered, rows_reported
              FROM runs
              WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id >= ?3)
                    AND (?5 IS NULL OR started_at >= ?5)
@@ -408,6 +476,7 @@ impl StateStore {
                         unchanged: r.get::<_, i64>(15)? as u64,
                         deleted: r.get::<_, i64>(16)? as u64,
                         api_calls: r.get::<_, i64>(22)? as u64,
+                        reported: r.get::<_, Option<i64>>(24)?.map(|n| n.max(0) as u64),
                     },
                     salesforce_job_ids: ids.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
                     error_class: r.get(18)?,
@@ -625,9 +694,64 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_or_foreign_file_is_refused_not_treated_as_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let err = StateDb::open(&empty).err().expect("an empty file is refused").to_string();
+        assert!(err.contains("the file is empty"), "{err}");
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0, "nothing was written to it");
+
+        let text = dir.path().join("notes.db");
+        std::fs::write(&text, b"these are my notes, not a database\n").unwrap();
+        let err = StateDb::open(&text).err().expect("a text file is refused").to_string();
+        assert!(err.contains("not a nightjar state DB"), "{err}");
+
+        let other = dir.path().join("other.db");
+        rusqlite::Connection::open(&other).unwrap().execute_batch("CREATE TABLE customers (id INTEGER)").unwrap();
+        let err = StateDb::open(&other).err().expect("another app's database is refused").to_string();
+        assert!(err.contains("not nightjar's"), "{err}");
+        let tables: i64 = rusqlite::Connection::open(&other)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 1, "no migration ran on it");
+    }
+
+    #[test]
+    fn concurrent_openers_of_a_fresh_file_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh/state.db");
+        let openers: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || StateDb::open(&path).map(|_| ()).map_err(|e| e.to_string()))
+            })
+            .collect();
+        for opener in openers {
+            opener.join().unwrap().unwrap();
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_state_db_and_its_wal_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let db = StateDb::open(&path).unwrap();
+        db.open_run("a", "manual", Utc::now()).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("state.db{suffix}"));
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", file.display());
+        }
+    }
+
+    #[test]
     fn watermark_moves_only_with_a_finished_run() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("s/state.db")).unwrap();
+        let store = StateDb::open(&dir.path().join("s/state.db")).unwrap();
         let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
         let run = store.open_run("accounts", "manual", t0).unwrap();
         assert_eq!(store.watermark("accounts").unwrap(), None);
@@ -647,7 +771,7 @@ mod tests {
         assert_eq!(h[0].salesforce_job_ids, vec!["750A".to_string()]);
         // Reopening an existing file runs no migration twice.
         drop(store);
-        let again = StateStore::open(&dir.path().join("s/state.db")).unwrap();
+        let again = StateDb::open(&dir.path().join("s/state.db")).unwrap();
         assert_eq!(again.watermark("accounts").unwrap(), Some(t0));
     }
 }

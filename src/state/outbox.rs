@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{RunId, StateError, StateStore, parse_ts, ts};
+use super::{RunId, StateDb, StateError, parse_ts, ts};
 
 /// What an alert is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -250,7 +250,7 @@ pub fn last_success(conn: &Connection, job: &str) -> Result<Option<LastSuccess>,
     Ok(Some(LastSuccess { run, finished_at, watermark }))
 }
 
-impl StateStore {
+impl StateDb {
     /// Runs `f` in one write transaction (e.g. queueing an alert for a run
     /// closed elsewhere, such as an abandoned one).
     pub fn in_transaction<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StateError>) -> Result<T, StateError> {
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn an_alert_written_with_the_run_commits_with_it_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("state.db")).unwrap();
+        let store = StateDb::open(&dir.path().join("state.db")).unwrap();
         let now = t("2026-01-01T00:00:00Z");
         let run = store.open_run("a", "manual", now).unwrap();
         let end = RunEnd {
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn a_claimed_alert_is_not_due_again_until_its_lease_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("state.db")).unwrap();
+        let store = StateDb::open(&dir.path().join("state.db")).unwrap();
         let now = t("2026-01-01T00:00:00Z");
         let id = store.in_transaction(|c| queue_alert(c, &alert("a"), now)).unwrap();
         let lease = Duration::from_secs(60);
@@ -409,7 +409,7 @@ mod tests {
     #[test]
     fn streaks_round_trip_and_a_healthy_one_leaves_no_row() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("state.db")).unwrap();
+        let store = StateDb::open(&dir.path().join("state.db")).unwrap();
         let streak = AlertStreak {
             first_failed_run: None,
             failures: 3,

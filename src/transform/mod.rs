@@ -5,31 +5,17 @@
 //! the value and the reason, which a bulk cast that turns failures into nulls
 //! cannot tell us.
 
-mod cast;
 #[cfg(test)]
 mod proptests;
 mod sql;
-
-use std::collections::BTreeMap;
 
 use polars::prelude::*;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::config::{JobFile, MappingFile};
-pub use cast::{
-    format_date, format_time, format_timestamp_ms, parse_boolean, parse_date, parse_float, parse_integer, parse_time,
-    parse_timestamp_ms,
-};
-pub use sql::SqlExpr;
-
-/// Column carrying each row's cursor value (epoch milliseconds), used to
-/// resolve duplicate keys within one extract and dropped before the target.
-pub const CURSOR_COLUMN: &str = "_nightjar_cursor";
-
-/// Column carrying Salesforce's `IsDeleted` flag (when the job extracts it),
-/// which the target turns into a soft delete, a hard delete, or nothing.
-pub const DELETED_COLUMN: &str = "_nightjar_deleted";
+use crate::config::{ColumnRule, ColumnSource, JobPlan};
+use crate::schema::cast;
+use crate::schema::{ColumnType, MappedPage, Reject, SqlExpr, TargetSchema};
 
 #[derive(Debug, Error)]
 pub enum TransformError {
@@ -43,139 +29,19 @@ pub enum TransformError {
     Polars(#[from] PolarsError),
 }
 
-/// The types a mapped column can have; each target maps them to its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnType {
-    Text,
-    Integer,
-    Float,
-    Boolean,
-    /// UTC instant, millisecond precision (Salesforce's precision).
-    Timestamp,
-    /// Calendar date without a zone.
-    Date,
-    /// Time of day without a zone.
-    Time,
-    /// Exact number with `precision` digits, `scale` of them after the point.
-    /// Carried in the frame as canonical text (Polars' decimal type is not
-    /// built in yet); targets store it as a native exact type.
-    Decimal {
-        precision: u8,
-        scale: u8,
-    },
-    /// A JSON document, validated, kept as sent.
-    Json,
-}
-
-impl ColumnType {
-    pub const SUPPORTED: &'static str = "text, integer, float, decimal(p,s), boolean, date, time, timestamp, json";
-
-    pub fn parse(name: &str) -> Result<Self, String> {
-        let name = name.trim();
-        if let Some(args) = name.strip_prefix("decimal(").and_then(|r| r.strip_suffix(')')) {
-            let parsed = args
-                .split_once(',')
-                .and_then(|(p, s)| Some((p.trim().parse::<u8>().ok()?, s.trim().parse::<u8>().ok()?)));
-            return match parsed {
-                Some((precision, scale)) if (1..=38).contains(&precision) && scale <= precision => {
-                    Ok(Self::Decimal { precision, scale })
-                }
-                _ => Err(format!(
-                    "`{name}`: decimal needs a precision from 1 to 38 and a scale no larger, e.g. decimal(18,2)"
-                )),
-            };
-        }
-        match name {
-            "text" => Ok(Self::Text),
-            "integer" => Ok(Self::Integer),
-            "float" => Ok(Self::Float),
-            "boolean" => Ok(Self::Boolean),
-            "timestamp" => Ok(Self::Timestamp),
-            "date" => Ok(Self::Date),
-            "time" => Ok(Self::Time),
-            "json" => Ok(Self::Json),
-            other => Err(format!("unknown type `{other}`; supported: {}", Self::SUPPORTED)),
-        }
-    }
-
-    pub fn name(self) -> String {
-        match self {
-            Self::Decimal { precision, scale } => format!("decimal({precision},{scale})"),
-            other => other.base_name().to_string(),
-        }
-    }
-
-    fn base_name(self) -> &'static str {
-        match self {
-            Self::Date => "date",
-            Self::Time => "time",
-            Self::Decimal { .. } => "decimal",
-            Self::Json => "json",
-            Self::Text => "text",
-            Self::Integer => "integer",
-            Self::Float => "float",
-            Self::Boolean => "boolean",
-            Self::Timestamp => "timestamp",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TargetColumn {
-    pub name: String,
-    pub ty: ColumnType,
-    pub nullable: bool,
-}
-
-/// What the mapping produces, and what every target creates its table from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TargetSchema {
-    pub columns: Vec<TargetColumn>,
-    pub key: Vec<String>,
-}
-
-/// Where a target column's value comes from.
-#[derive(Debug, Clone)]
-enum ColumnSource {
-    /// An extracted field, as text.
-    Field(String),
-    /// A SQL expression over extracted fields, evaluated by Polars.
-    Sql(SqlExpr),
-}
-
-#[derive(Debug, Clone)]
-struct ColumnRule {
-    name: String,
-    source: ColumnSource,
-    ty: ColumnType,
-    required: bool,
-    trim: bool,
-    values: Option<BTreeMap<String, String>>,
-    default: Option<String>,
-}
-
-/// One rejected row: which record, which column, what value, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reject {
-    pub record_id: Option<String>,
-    pub column: String,
-    pub value: Option<String>,
-    pub reason: String,
-}
-
-/// A page after mapping: typed rows that passed, and the ones that did not.
+/// What mapping one page gave: the typed rows that passed, and the ones that
+/// did not.
 #[derive(Debug)]
-pub struct MappedPage {
-    /// Target columns in schema order, plus [`CURSOR_COLUMN`] when the job has
-    /// a cursor and [`DELETED_COLUMN`] when it extracts `IsDeleted`.
-    pub frame: DataFrame,
+pub struct MappingOutput {
+    pub page: MappedPage,
     pub rejects: Vec<Reject>,
+    /// Rows the page had as extracted.
     pub rows_in: usize,
     /// Rows the mapping's `filter` dropped (not rejects: they were not wanted).
     pub rows_filtered: usize,
 }
 
-/// A compiled mapping for one job.
+/// A job's mapping, ready to apply to pages.
 #[derive(Debug, Clone)]
 pub struct Mapping {
     rules: Vec<ColumnRule>,
@@ -183,79 +49,34 @@ pub struct Mapping {
     cursor: Option<String>,
     id_field: Option<String>,
     deleted_field: Option<String>,
-    key: Vec<String>,
+    schema: TargetSchema,
 }
 
 impl Mapping {
-    /// Compiles a validated job + mapping. `nightjar validate` reports the
-    /// same problems with file positions; this only guards against misuse.
-    pub fn new(job: &JobFile, file: &MappingFile) -> Result<Self, TransformError> {
-        let mut rules = Vec::with_capacity(file.columns.len());
-        for col in &file.columns {
-            let name = col.name.get_ref().clone();
-            let source = match (&col.from, &col.sql) {
-                (Some(from), None) => ColumnSource::Field(from.get_ref().clone()),
-                (None, Some(sql)) => ColumnSource::Sql(
-                    SqlExpr::parse(sql.get_ref())
-                        .map_err(|e| TransformError::Invalid(format!("column `{name}`: `sql`: {e}")))?,
-                ),
-                _ => {
-                    return Err(TransformError::Invalid(format!(
-                        "column `{name}` needs exactly one of `from` or `sql`"
-                    )));
-                }
-            };
-            let ty = match &col.type_name {
-                Some(t) => ColumnType::parse(t.get_ref()).map_err(TransformError::Invalid)?,
-                None => ColumnType::Text,
-            };
-            rules.push(ColumnRule {
-                name,
-                source,
-                ty,
-                required: col.required,
-                trim: col.trim,
-                values: col.values.clone(),
-                default: col.default.clone(),
-            });
+    /// The mapping of a compiled job; `config` has checked everything.
+    pub fn new(job: &JobPlan) -> Self {
+        Mapping {
+            rules: job.mapping.columns.clone(),
+            filter: job.mapping.filter.clone(),
+            cursor: job.source.cursor.clone(),
+            id_field: job.source.id_field().map(str::to_string),
+            deleted_field: job.source.deleted_field().map(str::to_string),
+            schema: job.schema(),
         }
-        let fields: Vec<&str> = job.source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
-        let id_field = fields.iter().find(|f| f.eq_ignore_ascii_case("Id")).map(|f| f.to_string());
-        let deleted_field = fields.iter().find(|f| f.eq_ignore_ascii_case("IsDeleted")).map(|f| f.to_string());
-        let filter = file
-            .filter
-            .as_ref()
-            .map(|f| SqlExpr::parse(f.get_ref()))
-            .transpose()
-            .map_err(|e| TransformError::Invalid(format!("`filter`: {e}")))?;
-        Ok(Mapping {
-            rules,
-            filter,
-            cursor: job.source.cursor.as_ref().map(|c| c.get_ref().clone()),
-            id_field,
-            deleted_field,
-            key: job.target.key.get_ref().clone(),
-        })
     }
 
-    pub fn schema(&self) -> TargetSchema {
-        TargetSchema {
-            columns: self
-                .rules
-                .iter()
-                .map(|r| TargetColumn { name: r.name.clone(), ty: r.ty, nullable: !r.required })
-                .collect(),
-            key: self.key.clone(),
-        }
+    pub fn schema(&self) -> &TargetSchema {
+        &self.schema
     }
 
     pub fn has_cursor(&self) -> bool {
         self.cursor.is_some()
     }
 
-    /// Maps one page of text columns (as extracted) into the target schema:
-    /// the `filter` first, then every column, then the control columns.
-    pub fn apply(&self, page: &DataFrame) -> Result<MappedPage, TransformError> {
+    /// Maps page `number` of text columns (as extracted) into the target
+    /// schema: the `filter` first, then every column, then the cursor and
+    /// deleted flag beside the rows.
+    pub fn apply(&self, number: u32, page: &DataFrame) -> Result<MappingOutput, TransformError> {
         let empty;
         let page = if page.width() == 0 && page.height() == 0 {
             // An empty result may arrive as a 0-byte body, without even a
@@ -283,8 +104,8 @@ impl Mapping {
         // Each column is mapped on its own, in parallel; a row is rejected
         // for the first column, in mapping order, that refuses it.
         let mapped: Vec<Result<MappedColumn, TransformError>> =
-            self.rules.par_iter().map(|rule| rule.map(page, height)).collect();
-        let mut columns: Vec<Column> = Vec::with_capacity(self.rules.len() + 2);
+            self.rules.par_iter().map(|rule| map_column(rule, page, height)).collect();
+        let mut columns: Vec<Column> = Vec::with_capacity(self.rules.len());
         let mut keep = vec![true; height];
         let mut row_rejects: Vec<(usize, Reject)> = Vec::new();
         let mut reject = |row: usize, keep: &mut Vec<bool>, column: &str, value: Option<String>, reason: String| {
@@ -302,44 +123,59 @@ impl Mapping {
             columns.push(mapped.column);
         }
 
-        // Control columns the pipeline itself relies on: a value that does not
-        // parse rejects the row (Salesforce always fills both fields, so
-        // anything else is not trustworthy enough to window or delete on).
-        let controls = [
-            self.cursor
-                .as_ref()
-                .map(|c| (c, format!("cursor `{c}`"), ColumnType::Timestamp, CURSOR_COLUMN, "a datetime")),
-            self.deleted_field
-                .as_ref()
-                .map(|d| (d, format!("`{d}`"), ColumnType::Boolean, DELETED_COLUMN, "true or false")),
-        ];
-        for (field, label, ty, output, expected) in controls.into_iter().flatten() {
-            let source = text_column(field)?;
-            let mut builder = TypedBuilder::new(ty, output, height);
-            for (row, raw) in source.iter().enumerate() {
-                match raw {
-                    Some(text) if builder.push(text).is_ok() => {}
-                    other => {
-                        let reason = format!("{label} must be {expected}, got {}", describe(other));
-                        reject(row, &mut keep, field, other.map(str::to_string), reason);
-                        builder.push_null();
+        // What the pipeline itself relies on: a value that does not parse
+        // rejects the row (Salesforce always fills both fields, so anything
+        // else is not trustworthy enough to window or delete on).
+        let mut control =
+            |field: &str, label: String, ty: ColumnType, expected: &str| -> Result<Column, TransformError> {
+                let source = text_column(field)?;
+                let mut builder = TypedBuilder::new(ty, field, height);
+                for (row, raw) in source.iter().enumerate() {
+                    match raw {
+                        Some(text) if builder.push(text).is_ok() => {}
+                        other => {
+                            let reason = format!("{label} must be {expected}, got {}", describe(other));
+                            reject(row, &mut keep, field, other.map(str::to_string), reason);
+                            builder.push_null();
+                        }
                     }
                 }
-            }
-            columns.push(builder.finish());
-        }
+                Ok(builder.finish())
+            };
+        let cursor = match &self.cursor {
+            Some(c) => Some(control(c, format!("cursor `{c}`"), ColumnType::Timestamp, "a datetime")?),
+            None => None,
+        };
+        let deleted = match &self.deleted_field {
+            Some(d) => Some(control(d, format!("`{d}`"), ColumnType::Boolean, "true or false")?),
+            None => None,
+        };
 
         // Columns are checked one after another; report rejects in row order.
         row_rejects.sort_by_key(|(row, _)| *row);
         let any_rejected = !row_rejects.is_empty();
         rejects.extend(row_rejects.into_iter().map(|(_, r)| r));
-        let frame = DataFrame::new(height, columns)?;
-        let frame = if any_rejected {
-            frame.filter(&BooleanChunked::from_slice(PlSmallStr::from_static("keep"), &keep))?
-        } else {
-            frame
+        let mask = any_rejected.then(|| BooleanChunked::from_slice(PlSmallStr::from_static("keep"), &keep));
+        let keep_rows = |column: Column| -> Result<Column, TransformError> {
+            Ok(match &mask {
+                Some(mask) => column.filter(mask)?,
+                None => column,
+            })
         };
-        Ok(MappedPage { frame, rejects, rows_in, rows_filtered })
+        let rows = DataFrame::new(height, columns)?;
+        let rows = match &mask {
+            Some(mask) => rows.filter(mask)?,
+            None => rows,
+        };
+        let cursor = cursor.map(keep_rows).transpose()?.map(|c| -> Result<Int64Chunked, TransformError> {
+            Ok(c.as_materialized_series().datetime()?.physical().clone())
+        });
+        let deleted = deleted
+            .map(keep_rows)
+            .transpose()?
+            .map(|c| -> Result<BooleanChunked, TransformError> { Ok(c.as_materialized_series().bool()?.clone()) });
+        let page = MappedPage { number, rows, cursor: cursor.transpose()?, deleted: deleted.transpose()? };
+        Ok(MappingOutput { page, rejects, rows_in, rows_filtered })
     }
 
     /// A page with no rows and every source field the mapping reads.
@@ -412,77 +248,75 @@ struct MappedColumn {
     refused: Vec<(usize, Option<String>, String)>,
 }
 
-impl ColumnRule {
-    fn map(&self, page: &DataFrame, height: usize) -> Result<MappedColumn, TransformError> {
-        let mut refused = Vec::new();
-        let computed;
-        let source = match &self.source {
-            ColumnSource::Field(from) => {
-                page.column(from).map_err(|_| TransformError::MissingColumn(from.to_string()))?.str()?
-            }
-            ColumnSource::Sql(sql) => {
-                let (outputs, failures) = sql::evaluate(page, &[(self.name.clone(), sql.expr.clone())])?;
-                for (row, error) in failures {
-                    refused.push((row, None, format!("`sql` of column `{}` failed on this row: {error}", self.name)));
-                }
-                computed = sql::as_text(&outputs[0])
-                    .map_err(|e| TransformError::Invalid(format!("column `{}`: `sql`: {e}", self.name)))?;
-                &computed
-            }
-        };
-        // Text as extracted needs no copy: the page already holds null for
-        // Salesforce's empty fields.
-        if self.ty == ColumnType::Text
-            && !self.trim
-            && self.values.is_none()
-            && self.default.is_none()
-            && !source.iter().any(|v| v == Some(""))
-        {
-            if self.required && source.null_count() > 0 {
-                for (row, value) in source.iter().enumerate() {
-                    if value.is_none() {
-                        refused.push((row, None, format!("required column `{}` is null", self.name)));
-                    }
-                }
-            }
-            let column = source.clone().with_name(PlSmallStr::from_str(&self.name)).into_series().into_column();
-            refused.sort_by_key(|(row, _, _)| *row);
-            return Ok(MappedColumn { column, refused });
+fn map_column(rule: &ColumnRule, page: &DataFrame, height: usize) -> Result<MappedColumn, TransformError> {
+    let mut refused = Vec::new();
+    let computed;
+    let source = match &rule.source {
+        ColumnSource::Field(from) => {
+            page.column(from).map_err(|_| TransformError::MissingColumn(from.to_string()))?.str()?
         }
-        let mut builder = TypedBuilder::new(self.ty, &self.name, height);
-        for (row, raw) in source.iter().enumerate() {
-            match self.prepare(raw) {
-                None if self.required => {
-                    refused.push((row, None, format!("required column `{}` is null", self.name)));
+        ColumnSource::Sql(sql) => {
+            let (outputs, failures) = sql::evaluate(page, &[(rule.name.clone(), sql.expr.clone())])?;
+            for (row, error) in failures {
+                refused.push((row, None, format!("`sql` of column `{}` failed on this row: {error}", rule.name)));
+            }
+            computed = sql::as_text(&outputs[0])
+                .map_err(|e| TransformError::Invalid(format!("column `{}`: `sql`: {e}", rule.name)))?;
+            &computed
+        }
+    };
+    // Text as extracted needs no copy: the page already holds null for
+    // Salesforce's empty fields.
+    if rule.ty == ColumnType::Text
+        && !rule.trim
+        && rule.values.is_none()
+        && rule.default.is_none()
+        && !source.iter().any(|v| v == Some(""))
+    {
+        if rule.required && source.null_count() > 0 {
+            for (row, value) in source.iter().enumerate() {
+                if value.is_none() {
+                    refused.push((row, None, format!("required column `{}` is null", rule.name)));
+                }
+            }
+        }
+        let column = source.clone().with_name(PlSmallStr::from_str(&rule.name)).into_series().into_column();
+        refused.sort_by_key(|(row, _, _)| *row);
+        return Ok(MappedColumn { column, refused });
+    }
+    let mut builder = TypedBuilder::new(rule.ty, &rule.name, height);
+    for (row, raw) in source.iter().enumerate() {
+        match prepare(rule, raw) {
+            None if rule.required => {
+                refused.push((row, None, format!("required column `{}` is null", rule.name)));
+                builder.push_null();
+            }
+            None => builder.push_null(),
+            Some(text) => {
+                if let Err(reason) = builder.push(text) {
+                    refused.push((row, Some(text.to_string()), reason));
                     builder.push_null();
                 }
-                None => builder.push_null(),
-                Some(text) => {
-                    if let Err(reason) = builder.push(text) {
-                        refused.push((row, Some(text.to_string()), reason));
-                        builder.push_null();
-                    }
-                }
             }
         }
-        refused.sort_by_key(|(row, _, _)| *row);
-        Ok(MappedColumn { column: builder.finish(), refused })
     }
+    refused.sort_by_key(|(row, _, _)| *row);
+    Ok(MappedColumn { column: builder.finish(), refused })
+}
 
-    /// trim, then the value map, then the default for nulls. Salesforce sends
-    /// null as an empty field, so empty text is null.
-    fn prepare<'a>(&'a self, raw: Option<&'a str>) -> Option<&'a str> {
-        let mut value = raw.map(|v| if self.trim { v.trim() } else { v });
-        if value == Some("") {
-            value = None;
-        }
-        if let (Some(v), Some(map)) = (value, self.values.as_ref())
-            && let Some(mapped) = map.get(v)
-        {
-            value = Some(mapped.as_str());
-        }
-        value.or(self.default.as_deref())
+/// trim, then the value map, then the default for nulls. Salesforce sends
+/// null as an empty field, so empty text is null.
+fn prepare<'a>(rule: &'a ColumnRule, raw: Option<&'a str>) -> Option<&'a str> {
+    let mut value = raw.map(|v| if rule.trim { v.trim() } else { v });
+    if value == Some("") {
+        value = None;
     }
+    if let (Some(v), Some(map)) = (value, rule.values.as_ref())
+        && let Some(mapped) = map.get(v)
+    {
+        value = Some(mapped.as_str());
+    }
+    value.or(rule.default.as_deref())
 }
 
 /// Accumulates one typed column, value by value.
@@ -568,7 +402,12 @@ impl TypedBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_job_and_mapping_for_tests as parse;
+    use crate::config::plan_for_tests;
+    use crate::schema::TargetColumn;
+
+    fn parse(job: &str, mapping: &str) -> Mapping {
+        Mapping::new(&plan_for_tests(job, mapping))
+    }
 
     fn page(cols: &[(&str, &[Option<&str>])]) -> DataFrame {
         let height = cols[0].1.len();
@@ -624,8 +463,7 @@ type = "timestamp"
 
     #[test]
     fn casts_and_rejects_with_reasons() {
-        let (job, mapping) = parse(JOB, MAPPING);
-        let m = Mapping::new(&job, &mapping).unwrap();
+        let m = parse(JOB, MAPPING);
         let df = page(&[
             ("Id", &[Some("001A"), Some("001B"), Some(""), Some("001D")]),
             ("Name", &[Some("  ACME "), Some(""), Some("x"), Some("y")]),
@@ -642,9 +480,9 @@ type = "timestamp"
                 ],
             ),
         ]);
-        let out = m.apply(&df).unwrap();
+        let out = m.apply(1, &df).unwrap();
         assert_eq!(out.rows_in, 4);
-        assert_eq!(out.frame.height(), 2, "rows B (bad integer) and C (null key) are rejected");
+        assert_eq!(out.page.rows.height(), 2, "rows B (bad integer) and C (null key) are rejected");
         assert_eq!(out.rejects.len(), 2);
         assert_eq!(out.rejects[0].record_id.as_deref(), Some("001B"));
         assert_eq!(out.rejects[0].column, "employees");
@@ -654,14 +492,13 @@ type = "timestamp"
         assert_eq!(out.rejects[1].record_id, None, "an empty Id is no id");
         assert!(out.rejects[1].reason.contains("required"));
 
-        let names: Vec<Option<&str>> = out.frame.column("name").unwrap().str().unwrap().iter().collect();
+        let names: Vec<Option<&str>> = out.page.rows.column("name").unwrap().str().unwrap().iter().collect();
         assert_eq!(names, vec![Some("Acme Corp"), Some("y")]);
-        let emp: Vec<Option<i64>> = out.frame.column("employees").unwrap().i64().unwrap().iter().collect();
+        let emp: Vec<Option<i64>> = out.page.rows.column("employees").unwrap().i64().unwrap().iter().collect();
         assert_eq!(emp, vec![Some(12), None]);
-        let rev: Vec<Option<f64>> = out.frame.column("revenue").unwrap().f64().unwrap().iter().collect();
+        let rev: Vec<Option<f64>> = out.page.rows.column("revenue").unwrap().f64().unwrap().iter().collect();
         assert_eq!(rev, vec![Some(1500.0), Some(4.25)]);
-        let cursor = out.frame.column(CURSOR_COLUMN).unwrap().datetime().unwrap();
-        let cursor: Vec<Option<i64>> = cursor.physical().iter().collect();
+        let cursor: Vec<Option<i64>> = out.page.cursor.as_ref().unwrap().iter().collect();
         assert_eq!(cursor, vec![Some(1_706_702_400_000), Some(1_706_706_000_001)]);
     }
 
@@ -693,8 +530,7 @@ name = "doc"
 from = "Doc"
 type = "json"
 "#;
-        let (job, mapping) = parse(&job, mapping);
-        let m = Mapping::new(&job, &mapping).unwrap();
+        let m = parse(&job, mapping);
         let stamp = Some("2024-01-31T12:00:00.000Z");
         let df = page(&[
             ("Id", &[Some("001A"), Some("001B"), Some("001C")]),
@@ -704,16 +540,16 @@ type = "json"
             ("Doc", &[Some(r#"{"a":1}"#), None, Some("{nope")]),
             ("SystemModstamp", &[stamp, stamp, stamp]),
         ]);
-        let out = m.apply(&df).unwrap();
-        assert_eq!(out.frame.height(), 1);
+        let out = m.apply(1, &df).unwrap();
+        assert_eq!(out.page.rows.height(), 1);
         let reasons: Vec<(&str, &str)> = out.rejects.iter().map(|r| (r.column.as_str(), r.reason.as_str())).collect();
         assert_eq!(reasons.len(), 2);
         assert_eq!(reasons[0].0, "amount");
         assert!(reasons[0].1.contains("more than 2 decimal places"), "{}", reasons[0].1);
         assert_eq!(reasons[1].0, "doc");
-        assert_eq!(out.frame.column("day").unwrap().dtype(), &DataType::Date);
-        assert_eq!(out.frame.column("at").unwrap().dtype(), &DataType::Time);
-        let amount: Vec<Option<&str>> = out.frame.column("amount").unwrap().str().unwrap().iter().collect();
+        assert_eq!(out.page.rows.column("day").unwrap().dtype(), &DataType::Date);
+        assert_eq!(out.page.rows.column("at").unwrap().dtype(), &DataType::Time);
+        let amount: Vec<Option<&str>> = out.page.rows.column("amount").unwrap().str().unwrap().iter().collect();
         assert_eq!(amount, vec![Some("1234.50")]);
         let schema = m.schema();
         assert_eq!(schema.columns[3].ty, ColumnType::Decimal { precision: 8, scale: 2 });
@@ -785,8 +621,7 @@ from = "SystemModstamp"
 type = "timestamp"
 required = true
 "#;
-        let (job, mapping) = parse(&job, mapping);
-        let m = Mapping::new(&job, &mapping).unwrap();
+        let m = parse(&job, mapping);
         let z = Some("2024-01-31T12:00:00.000Z");
         let df = page(&[
             ("Id", &[Some("001A"), Some("001B"), Some("001C"), Some("001D"), Some("001E"), None]),
@@ -802,7 +637,7 @@ required = true
             ("Email", &[Some("A@X.COM"), None, None, None, None, None]),
             ("SystemModstamp", &[z, z, z, z, Some("2024-01-31T13:00:00.000+0000"), z]),
         ]);
-        let out = m.apply(&df).unwrap();
+        let out = m.apply(1, &df).unwrap();
 
         assert_eq!((out.rows_in, out.rows_filtered), (6, 1), "001B is Internal");
         let rejects: Vec<(Option<&str>, &str, Option<&str>)> =
@@ -836,31 +671,18 @@ required = true
                     Series::new("".into(), &[1_706_702_400_000i64, 1_706_706_000_000])
                         .into_datetime(TimeUnit::Milliseconds, None),
                 ),
-                col(
-                    CURSOR_COLUMN,
-                    Series::new("".into(), &[1_706_702_400_000i64, 1_706_706_000_000])
-                        .into_datetime(TimeUnit::Milliseconds, None),
-                ),
             ],
         )
         .unwrap();
-        assert_eq!(out.frame.schema(), expected.schema());
-        assert!(out.frame == expected, "got\n{}\nexpected\n{}", out.frame, expected);
-    }
-
-    #[test]
-    fn a_filter_that_is_not_a_condition_is_an_error() {
-        let (job, mapping) = parse(JOB, &format!("filter = \"upper(Name)\"\n{MAPPING}"));
-        let m = Mapping::new(&job, &mapping).unwrap();
-        let df = page(&[("Id", &[Some("001A")]), ("Name", &[Some("x")])]);
-        let err = m.apply(&df).unwrap_err().to_string();
-        assert!(err.contains("`filter` must be true or false"), "{err}");
+        assert_eq!(out.page.rows.schema(), expected.schema());
+        assert!(out.page.rows == expected, "got\n{}\nexpected\n{}", out.page.rows, expected);
+        let cursor: Vec<Option<i64>> = out.page.cursor.as_ref().unwrap().iter().collect();
+        assert_eq!(cursor, vec![Some(1_706_702_400_000), Some(1_706_706_000_000)]);
     }
 
     #[test]
     fn schema_follows_mapping() {
-        let (job, mapping) = parse(JOB, MAPPING);
-        let schema = Mapping::new(&job, &mapping).unwrap().schema();
+        let schema = parse(JOB, MAPPING).schema().clone();
         assert_eq!(schema.key, vec!["sf_id".to_string()]);
         assert_eq!(schema.columns[0], TargetColumn { name: "sf_id".into(), ty: ColumnType::Text, nullable: false });
         assert_eq!(schema.columns[5].ty, ColumnType::Timestamp);
@@ -868,9 +690,8 @@ required = true
 
     #[test]
     fn missing_source_column_is_an_error_not_a_panic() {
-        let (job, mapping) = parse(JOB, MAPPING);
-        let m = Mapping::new(&job, &mapping).unwrap();
+        let m = parse(JOB, MAPPING);
         let df = page(&[("Id", &[Some("001A")])]);
-        assert!(matches!(m.apply(&df), Err(TransformError::MissingColumn(c)) if c == "Name"));
+        assert!(matches!(m.apply(1, &df), Err(TransformError::MissingColumn(c)) if c == "Name"));
     }
 }

@@ -10,7 +10,7 @@ use std::ops::RangeInclusive;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::cast::*;
+use crate::schema::cast::*;
 
 /// Modest case counts keep the suite fast; `PROPTEST_CASES=20000` (read by
 /// proptest's default config) asks for a longer run.
@@ -901,8 +901,7 @@ key = ["sf_id"]
              [[column]]\nname = \"v\"\nfrom = \"V\"\ntype = \"{}\"\n",
             kind.type_name()
         );
-        let (job, file) = crate::config::parse_job_and_mapping_for_tests(JOB, &file);
-        Mapping::new(&job, &file).unwrap()
+        Mapping::new(&crate::config::plan_for_tests(JOB, &file))
     }
 
     proptest! {
@@ -925,12 +924,13 @@ key = ["sf_id"]
                 ],
             )
             .unwrap();
-            let out = mapping.apply(&page).unwrap();
+            let out = mapping.apply(1, &page).unwrap();
             prop_assert_eq!(out.rows_in, n);
-            prop_assert_eq!(out.frame.height() + out.rejects.len(), n);
+            prop_assert_eq!(out.page.rows.height() + out.rejects.len(), n);
 
             let kept: Vec<String> = out
-                .frame
+                .page
+                .rows
                 .column("sf_id")
                 .unwrap()
                 .str()
@@ -938,7 +938,7 @@ key = ["sf_id"]
                 .iter()
                 .map(|id| id.unwrap_or_default().to_string())
                 .collect();
-            let column = out.frame.column("v").unwrap();
+            let column = out.page.rows.column("v").unwrap();
             for (i, (id, text)) in ids.iter().zip(&values).enumerate() {
                 let expected = kind.cast(text);
                 let rejects: Vec<_> = out.rejects.iter().filter(|r| r.record_id.as_deref() == Some(id)).collect();

@@ -3,53 +3,9 @@
 //! columns. We never parse SQL ourselves.
 
 use polars::prelude::*;
-use polars::sql::sql_expr;
 
-use super::cast::{format_date, format_time, format_timestamp_ms};
-
-/// A parsed SQL expression, with the source columns it reads.
-#[derive(Debug, Clone)]
-pub struct SqlExpr {
-    pub text: String,
-    pub expr: Expr,
-    /// Source columns referenced, in order of first use.
-    pub columns: Vec<String>,
-}
-
-impl SqlExpr {
-    /// Parses `text` as one SQL expression. The error is Polars' own message,
-    /// which names the token it stumbled on.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let expr = sql_expr(text).map_err(|e| clean_polars_message(&e.to_string()))?;
-        let mut columns: Vec<String> = Vec::new();
-        for name in expr.clone().meta().root_names() {
-            if !columns.iter().any(|c| c == name.as_str()) {
-                columns.push(name.to_string());
-            }
-        }
-        if columns.is_empty() {
-            return Err(format!("`{text}` reads no source column; a constant belongs in `default`"));
-        }
-        Ok(SqlExpr { text: text.to_string(), expr, columns })
-    }
-
-    /// The type the expression produces over the job's fields, all of which
-    /// are text when extracted. Catches type errors (e.g. `Name + 1`) before
-    /// a run spends API calls.
-    pub fn output_type(&self, fields: &[&str]) -> Result<DataType, String> {
-        let schema: Schema = fields.iter().map(|f| Field::new(PlSmallStr::from_str(f), DataType::String)).collect();
-        let mut frame = DataFrame::empty_with_schema(&schema).lazy().select([self.expr.clone().alias("out")]);
-        let out = frame.collect_schema().map_err(|e| clean_polars_message(&e.to_string()))?;
-        out.get("out").cloned().ok_or_else(|| "the expression produced no column".to_string())
-    }
-}
-
-/// Polars error messages carry a trailing "Resolved plan until failure" dump
-/// and error-kind prefixes meant for Python users; keep the first line.
-fn clean_polars_message(message: &str) -> String {
-    let first = message.lines().find(|l| !l.trim().is_empty()).unwrap_or(message).trim();
-    first.strip_prefix("SQLInterface: ").or_else(|| first.strip_prefix("SQLSyntax: ")).unwrap_or(first).to_string()
-}
+use crate::schema::cast::{format_date, format_time, format_timestamp_ms};
+use crate::schema::sql::clean_polars_message;
 
 /// Rows an expression could not be evaluated on: (row, Polars' reason).
 pub type RowFailures = Vec<(usize, String)>;
@@ -114,13 +70,10 @@ fn evaluate_slice(page: &DataFrame, exprs: &[(String, Expr)], offset: usize, len
     if out.height() == len {
         return Ok(out);
     }
-    // An expression without a per-row result (a literal, an aggregate)
-    // comes back as one value; it holds for every row.
-    if out.height() == 1 {
-        let columns = out.columns().iter().map(|c| c.new_from_index(0, len)).collect();
-        return DataFrame::new(len, columns);
-    }
-    polars_bail!(ShapeMismatch: "the expression produced {} rows for {} input rows", out.height(), len)
+    // `validate` refuses aggregates and windows, which compute over the
+    // page: a value per page would be silently wrong data. Should one get
+    // here anyway, it fails rather than being spread over the rows.
+    polars_bail!(ShapeMismatch: "the expression produced {} values for {} rows; it must give one value per row", out.height(), len)
 }
 
 /// Renders an evaluated SQL column as text in the forms Salesforce itself
@@ -157,6 +110,7 @@ pub fn as_text(column: &Column) -> Result<StringChunked, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::SqlExpr;
 
     fn text_page(cols: &[(&str, &[Option<&str>])]) -> DataFrame {
         let height = cols[0].1.len();
@@ -165,22 +119,6 @@ mod tests {
             .map(|(name, values)| Series::new(PlSmallStr::from_str(name), values.to_vec()).into_column())
             .collect();
         DataFrame::new(height, columns).unwrap()
-    }
-
-    #[test]
-    fn parse_finds_referenced_columns() {
-        let e = SqlExpr::parse(r#"lower("Owner.Email") || '-' || Name"#).unwrap();
-        assert_eq!(e.columns, vec!["Owner.Email".to_string(), "Name".to_string()]);
-        assert!(SqlExpr::parse("lower(Name").is_err());
-        assert!(SqlExpr::parse("'x'").unwrap_err().contains("reads no source column"));
-    }
-
-    #[test]
-    fn output_type_checks_over_text_fields() {
-        let filter = SqlExpr::parse("Industry IS NULL OR Industry <> 'Internal'").unwrap();
-        assert_eq!(filter.output_type(&["Industry"]).unwrap(), DataType::Boolean);
-        let missing = SqlExpr::parse("upper(Nope)").unwrap();
-        assert!(missing.output_type(&["Industry"]).is_err());
     }
 
     #[test]

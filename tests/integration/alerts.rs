@@ -86,21 +86,21 @@ async fn expect_class_mail(fx: &Fixture, smtp: &SmtpServer, class: &str) -> Rece
     let before = smtp.messages().len();
     let report = run_and_deliver(fx).await;
     assert_eq!(report.status, RunStatus::Failed, "the run must fail");
-    let record = fx.state.run(report.run_id).unwrap().expect("run recorded");
+    let record = fx.state.run(report.run_id).await.unwrap().expect("run recorded");
     assert_eq!(record.error_class.as_deref(), Some(class), "{:?}", record.error);
     let mails = smtp.wait_for(before + 1, Duration::from_secs(10));
-    assert_eq!(mails.len(), before + 1, "one mail for the failure; outbox: {:?}", outbox_summary(fx));
+    assert_eq!(mails.len(), before + 1, "one mail for the failure; outbox: {:?}", outbox_summary(fx).await);
     let mail = mails.last().expect("a mail").clone();
     assert_eq!(mail.subject(), format!("[nightjar] FAILED accounts — {class}"));
     assert_eq!(mail.field("Error class").as_deref(), Some(class));
-    let remedy = remedy_for(class, report.run_id);
+    let remedy = remedy_for(nightjar::outcome::ErrorClass::parse(class), report.run_id);
     assert_eq!(mail.field("What to do").as_deref(), Some(remedy.as_str()), "{}", mail.text());
     assert!(mail.html().contains(&nightjar::alert::escape(&remedy)), "{}", mail.html());
     mail
 }
 
-fn outbox_summary(fx: &Fixture) -> Vec<(OutboxStatus, u32, Option<String>)> {
-    let rows = fx.state.outbox(&OutboxFilter::default()).unwrap();
+async fn outbox_summary(fx: &Fixture) -> Vec<(OutboxStatus, u32, Option<String>)> {
+    let rows = fx.state.outbox(OutboxFilter::default()).await.unwrap();
     rows.into_iter().map(|r| (r.status, r.attempts, r.last_error)).collect()
 }
 
@@ -120,15 +120,20 @@ async fn failure_mail_carries_the_facts_and_a_recovery_mail_follows_the_next_suc
     let run = failed.run_id.to_string();
     assert_eq!(mail.field("Job").as_deref(), Some("accounts"));
     assert_eq!(mail.field("Run").as_deref(), Some(run.as_str()));
-    assert_eq!(mail.field("Trigger").as_deref(), Some("test"));
+    assert_eq!(mail.field("Trigger").as_deref(), Some("manual"));
     let window = mail.field("Window").expect("window line");
-    assert!(window.starts_with("(beginning) .. 2026-01-01T00:58:00"), "{window}");
+    // The window ends `settle` (2m) before Salesforce's clock.
+    let end = nightjar::state::ts(fx.sandbox.now() - chrono::Duration::minutes(2));
+    assert!(window.starts_with(&format!("(beginning) .. {}", &end[..19])), "{window} (expected end {end})");
     assert!(mail.field("Rows so far").expect("rows line").starts_with("0 extracted"), "{}", mail.text());
     let sf_job = &failed.salesforce_job_ids[0];
     let salesforce = mail.field("Salesforce").expect("Salesforce line");
     assert!(salesforce.contains("QUERY_TIMEOUT: Your query request was running for too long."), "{salesforce}");
     assert!(salesforce.contains(&format!("job {sf_job}")), "{salesforce}");
-    assert_eq!(mail.field("What to do"), Some(remedy_for("query_timeout", failed.run_id)));
+    assert_eq!(
+        mail.field("What to do"),
+        Some(remedy_for(nightjar::outcome::ErrorClass::parse("query_timeout"), failed.run_id))
+    );
     assert_eq!(mail.field("Last success").as_deref(), Some("(none yet)"));
     let link = format!("{PUBLIC_URL}/runs/{run}");
     assert_eq!(mail.field("Run page").as_deref(), Some(link.as_str()));
@@ -157,11 +162,11 @@ async fn failure_mail_carries_the_facts_and_a_recovery_mail_follows_the_next_suc
     fx.sandbox.fail_next_query_jobs(1, "InvalidBatch: Failed to process query");
     let third = expect_class_mail(&fx, &smtp, "salesforce").await;
     let last = third.field("Last success").expect("last success line");
-    let watermark = fx.state.watermark("accounts").unwrap().expect("watermark");
+    let watermark = fx.state.watermark("accounts").await.unwrap().expect("watermark");
     assert!(last.starts_with(&format!("run {}", failed.run_id + 2)), "{last}");
     assert!(last.ends_with(&nightjar::state::ts(watermark)), "{last}");
 
-    let outbox = fx.state.outbox(&OutboxFilter::default()).unwrap();
+    let outbox = fx.state.outbox(OutboxFilter::default()).await.unwrap();
     assert_eq!(outbox.len(), 3);
     assert!(outbox.iter().all(|a| a.status == OutboxStatus::Sent && a.attempts == 1));
 }
@@ -174,13 +179,12 @@ async fn smtp_down_then_up_delivers_the_mail_exactly_once_and_the_outbox_shows_t
     fx.advance(60);
     fx.sandbox.fail_next_query_jobs(1, "InvalidBatch: boom");
     assert_eq!(fx.run().await.status, RunStatus::Failed);
-    let queued = fx.state.outbox(&OutboxFilter::default()).unwrap();
+    let queued = fx.state.outbox(OutboxFilter::default()).await.unwrap();
     assert_eq!((queued.len(), queued[0].status, queued[0].attempts), (1, OutboxStatus::Pending, 0));
 
     let mailer = mailer(&fx.project).expect("smtp configured");
     let policy = RetryPolicy {
-        first_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(100),
+        backoff: nightjar::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(100)),
         max_attempts: 1_000,
         lease: Duration::from_secs(10),
         batch: 10,
@@ -190,12 +194,12 @@ async fn smtp_down_then_up_delivers_the_mail_exactly_once_and_the_outbox_shows_t
     let script = async {
         // Some refused attempts, then the server comes up on that port.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while state.outbox(&OutboxFilter::default()).unwrap()[0].attempts < 4 {
+        while state.outbox(OutboxFilter::default()).await.unwrap()[0].attempts < 4 {
             assert!(Instant::now() < deadline, "the sender keeps retrying");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         *server.lock().unwrap() = Some(SmtpServer::start_on(addr).expect("the port is free again"));
-        while state.outbox(&OutboxFilter::default()).unwrap()[0].status != OutboxStatus::Sent {
+        while state.outbox(OutboxFilter::default()).await.unwrap()[0].status != OutboxStatus::Sent {
             assert!(Instant::now() < deadline, "the mail goes out once the server is up");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -209,7 +213,7 @@ async fn smtp_down_then_up_delivers_the_mail_exactly_once_and_the_outbox_shows_t
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(server.messages().len(), 1, "exactly once");
     assert_eq!(mails[0].subject(), "[nightjar] FAILED accounts — salesforce");
-    let row = &fx.state.outbox(&OutboxFilter::default()).unwrap()[0];
+    let row = &fx.state.outbox(OutboxFilter::default()).await.unwrap()[0];
     assert_eq!(row.status, OutboxStatus::Sent);
     assert!(row.attempts >= 5, "4 refused + 1 accepted, got {}", row.attempts);
     let error = row.last_error.as_deref().unwrap_or_default();
@@ -234,12 +238,16 @@ async fn an_alert_is_marked_failed_after_the_last_attempt_and_listed_as_such() {
     fx.sandbox.fail_next_query_jobs(1, "InvalidBatch: boom");
     assert_eq!(fx.run().await.status, RunStatus::Failed);
     let mailer = mailer(&fx.project).expect("smtp configured");
-    let policy = RetryPolicy { first_backoff: Duration::ZERO, max_attempts: 2, ..RetryPolicy::default() };
+    let policy = RetryPolicy {
+        backoff: nightjar::backoff::Backoff::new(Duration::ZERO, Duration::ZERO),
+        max_attempts: 2,
+        ..RetryPolicy::default()
+    };
     let first = nightjar::alert::deliver_due(&fx.state, &mailer, &policy).await.unwrap();
     assert_eq!((first.sent, first.retrying, first.given_up), (0, 1, 0));
     let second = nightjar::alert::deliver_due(&fx.state, &mailer, &policy).await.unwrap();
     assert_eq!((second.sent, second.retrying, second.given_up), (0, 0, 1));
-    assert_eq!(outbox_summary(&fx)[0].0, OutboxStatus::Failed);
+    assert_eq!(outbox_summary(&fx).await[0].0, OutboxStatus::Failed);
     let after = nightjar::alert::deliver_due(&fx.state, &mailer, &policy).await.unwrap();
     assert_eq!(after, nightjar::alert::Delivery::default(), "a failed alert is left for a person");
 
@@ -274,7 +282,7 @@ async fn ten_failures_within_repeat_after_send_one_mail_and_one_repeat_after_the
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(smtp.messages().len(), 1, "one mail for ten failures");
-    assert_eq!(fx.state.outbox(&OutboxFilter::default()).unwrap().len(), 1);
+    assert_eq!(fx.state.outbox(OutboxFilter::default()).await.unwrap().len(), 1);
 
     // After the interval the next failure mails again, counting the ones in between.
     tokio::time::sleep(repeat.saturating_sub(first_mail_at.elapsed()) + Duration::from_millis(300)).await;
@@ -343,7 +351,7 @@ async fn no_secret_reaches_a_mail_a_log_line_or_the_state_db() {
     assert_eq!(mails.len(), 2, "the failure mail and the test mail");
     assert_eq!(mails[1].subject(), "[nightjar] test email");
     assert!(smtp.logins().iter().any(|(user, pw)| user == "nightjar" && pw == SMTP_PASSWORD), "the password was used");
-    let row = &fx.state.outbox(&OutboxFilter::default()).unwrap()[0];
+    let row = &fx.state.outbox(OutboxFilter::default()).await.unwrap()[0];
     assert!(row.last_error.as_deref().is_some_and(|e| e.contains("535")), "{:?}", row.last_error);
     let logins = fx.sandbox.request_log().into_iter().filter(|r| r.path.ends_with("/oauth2/token"));
     assert!(logins.into_iter().any(|r| r.body.contains("grant_type=refresh_token")), "the refresh token was used");
@@ -474,11 +482,17 @@ async fn a_run_skipped_for_api_budget_mails_as_skipped_with_the_api_limit_remedy
     let report = run_and_deliver(&fx).await;
     assert_eq!(report.status, RunStatus::Failed);
     let mails = smtp.wait_for(1, Duration::from_secs(10));
-    assert_eq!(mails.len(), 1, "{:?}", outbox_summary(&fx));
+    assert_eq!(mails.len(), 1, "{:?}", outbox_summary(&fx).await);
     assert_eq!(mails[0].subject(), "[nightjar] SKIPPED accounts — api_limit");
-    assert_eq!(mails[0].field("What to do"), Some(remedy_for("api_limit", report.run_id)));
+    assert_eq!(
+        mails[0].field("What to do"),
+        Some(remedy_for(nightjar::outcome::ErrorClass::parse("api_limit"), report.run_id))
+    );
     assert!(mails[0].text().contains("skipped: the org's API budget is too low"), "{}", mails[0].text());
-    assert_eq!(fx.state.outbox(&OutboxFilter::default()).unwrap()[0].kind, nightjar::state::AlertKind::SkippedBudget);
+    assert_eq!(
+        fx.state.outbox(OutboxFilter::default()).await.unwrap()[0].kind,
+        nightjar::state::AlertKind::SkippedBudget
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

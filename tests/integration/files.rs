@@ -44,7 +44,7 @@ async fn snapshots_merge_by_key_and_reruns_leave_the_file_byte_for_byte() {
         assert_eq!(read(&fx, format).height(), 500);
 
         // The same window again: not a byte changes.
-        fx.state.clear_watermark("accounts").unwrap();
+        fx.state.clear_watermark("accounts").await.unwrap();
         let again = fx.run().await;
         assert_eq!(again.status, RunStatus::Succeeded, "{format}: {:?}", again.error);
         assert_eq!((again.counts.unchanged, again.counts.inserted, again.counts.updated), (500, 0, 0), "{format}");
@@ -121,26 +121,27 @@ async fn files_schema_evolution() {
 /// extract resolves to the highest cursor (on a tie, the later row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_keys_in_one_extract_resolve_to_the_newest_row_in_sqlite_and_files() {
-    use nightjar::config::{DeleteMode, FileFormat, SchemaEvolution};
-    use nightjar::load::{FilesTarget, SqliteTarget, Target, TargetOptions};
+    use nightjar::config::{DeleteMode, FileFormat};
+    use nightjar::load::{FilesTarget, SqliteTarget, Target};
 
-    use crate::postgres::{id_value_schema, page};
+    use crate::postgres::{id_value_schema, merge_plan, page};
 
     let dir = tempfile::tempdir().unwrap();
-    let options = TargetOptions {
-        table: "account".into(),
-        create: true,
-        deletes: DeleteMode::Ignore,
-        schema_evolution: SchemaEvolution::Fail,
-    };
+    let hooks = nightjar::hooks::none;
     let targets: Vec<(&str, Box<dyn Target>)> = vec![
-        ("sqlite", Box::new(SqliteTarget::open(&dir.path().join("w.db"), options.clone()).unwrap())),
-        ("files", Box::new(FilesTarget::open(&dir.path().join("lake"), FileFormat::Parquet, options).unwrap())),
+        ("sqlite", Box::new(SqliteTarget::open(&dir.path().join("w.db"), "account", hooks()).await.unwrap())),
+        (
+            "files",
+            Box::new(
+                FilesTarget::open(&dir.path().join("lake"), FileFormat::Parquet, "account", Vec::new(), hooks())
+                    .unwrap(),
+            ),
+        ),
     ];
     for (kind, mut target) in targets {
-        target.prepare(&id_value_schema(), 1).await.unwrap();
-        target.stage(&page(&["a", "a", "b"], &[1, 2, 10], &[10, 20, 5])).await.unwrap();
-        target.stage(&page(&["a", "b", "b"], &[3, 11, 12], &[15, 5, 4])).await.unwrap();
+        target.prepare(&merge_plan(id_value_schema(), DeleteMode::Ignore, 1)).await.unwrap();
+        target.stage(page(&["a", "a", "b"], &[1, 2, 10], &[10, 20, 5])).await.unwrap();
+        target.stage(page(&["a", "b", "b"], &[3, 11, 12], &[15, 5, 4])).await.unwrap();
         let counts = target.commit().await.unwrap_or_else(|e| panic!("{kind}: {e}"));
         assert_eq!((counts.inserted, counts.updated), (2, 0), "{kind}");
         let values: Vec<(String, i64)> = match kind {

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nightjar::config::Project;
-use nightjar::run::{RunReport, run_job};
+use nightjar::outcome::Trigger;
+use nightjar::run::{Engine, RunReport, run_job};
+use nightjar::salesforce::{Clients, RetryPolicy};
 use nightjar::sandbox::{RunningSandbox, Sandbox, SandboxConfig};
 use nightjar::state::StateStore;
 use rusqlite::types::Value;
@@ -61,6 +63,12 @@ pub struct FixtureOptions {
     /// `soft`, `hard` or `ignore`; anything but `ignore` also extracts with queryAll.
     pub deletes: &'static str,
     pub schema_evolution: &'static str,
+    /// The fields the job extracts (and maps as text, SystemModstamp as
+    /// timestamp); default [`FIELDS`]. Must include `Id` and `SystemModstamp`.
+    pub fields: &'static [&'static str],
+    /// Where the sandbox clock starts (default: now); tests that compare two
+    /// sandboxes' data give both the same.
+    pub sandbox_start: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Default for FixtureOptions {
@@ -71,6 +79,8 @@ impl Default for FixtureOptions {
             target: TargetKind::Sqlite,
             deletes: "ignore",
             schema_evolution: "fail",
+            fields: FIELDS,
+            sandbox_start: None,
         }
     }
 }
@@ -83,6 +93,17 @@ pub struct Fixture {
     pub running: RunningSandbox,
     pub project: Project,
     pub state: StateStore,
+    /// What runs of this fixture share (Salesforce clients, hooks).
+    pub engine: Engine,
+}
+
+/// Short backoffs so fault tests take seconds, with the production bounds
+/// on attempts.
+pub fn fast_retries() -> RetryPolicy {
+    RetryPolicy {
+        backoff: nightjar::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(200)),
+        ..RetryPolicy::default()
+    }
 }
 
 /// Column name in the warehouse for a Salesforce field.
@@ -99,15 +120,20 @@ impl Fixture {
     }
 
     pub async fn build(options: FixtureOptions) -> Fixture {
-        let config = SandboxConfig { objects: vec![("Account".into(), options.accounts)], ..SandboxConfig::default() };
+        let mut config =
+            SandboxConfig { objects: vec![("Account".into(), options.accounts)], ..SandboxConfig::default() };
+        if let Some(start) = options.sandbox_start {
+            config.start = start;
+        }
         let sandbox = Sandbox::new(config.clone()).expect("sandbox config is valid");
         let running = sandbox.start(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("sandbox listens");
         let dir = tempfile::tempdir().expect("temp dir");
         write_project(dir.path(), running.base_url(), &config, &options);
         let project =
             Project::load(&dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
-        let state = StateStore::open(&dir.path().join("state/nightjar.db")).expect("state opens");
-        Fixture { dir, sandbox, running, project, state }
+        let state = StateStore::open(&dir.path().join("state/nightjar.db")).await.expect("state opens");
+        let engine = Engine::new().with_clients(Clients::with_policy(fast_retries()));
+        Fixture { dir, sandbox, running, project, state, engine }
     }
 
     /// A REST session on the sandbox, as any API client gets one (client
@@ -133,13 +159,19 @@ impl Fixture {
     }
 
     pub async fn run(&self) -> RunReport {
-        run_job(&self.project, &self.state, "accounts", "test").await.expect("run is recorded")
+        run_job(&self.engine, &self.project, &self.state, "accounts", Trigger::Manual).await.expect("run is recorded")
     }
 
     /// Re-reads the config files (after a test edited them).
     pub fn reload(&mut self) {
         self.project =
             Project::load(&self.dir.path().join("nightjar.toml")).unwrap_or_else(|e| panic!("fixture config: {e}"));
+    }
+
+    /// History as filtered, read from synchronous test code (inside
+    /// `block_in_place`); empty on an error.
+    pub fn history_blocking(&self, filter: nightjar::state::HistoryFilter) -> Vec<nightjar::state::RunRecord> {
+        tokio::runtime::Handle::current().block_on(self.state.history(filter)).unwrap_or_default()
     }
 
     pub fn advance(&self, minutes: u64) {
@@ -203,7 +235,7 @@ client_secret = "{}"
         ),
     )
     .unwrap();
-    let fields = FIELDS.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
+    let fields = options.fields.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
     std::fs::write(
         dir.join("jobs/accounts.toml"),
         format!(
@@ -230,7 +262,7 @@ schema_evolution = "{evolution}"
     )
     .unwrap();
     let mut mapping = String::new();
-    for f in FIELDS {
+    for f in options.fields {
         let ty = if *f == "SystemModstamp" { "timestamp" } else { "text" };
         let required = *f == "Id";
         mapping.push_str(&format!(
@@ -239,4 +271,79 @@ schema_evolution = "{evolution}"
         ));
     }
     std::fs::write(dir.join("mappings/accounts.toml"), mapping).unwrap();
+}
+
+/// Where a child run stops: `stage` after its first page is staged,
+/// `commit` inside the target's commit, just before it becomes visible.
+struct PauseAt(&'static str);
+
+impl nightjar::hooks::Hooks for PauseAt {
+    fn reached(&self, point: nightjar::hooks::HookPoint) {
+        let here = match point {
+            nightjar::hooks::HookPoint::PageStaged(1) => "stage",
+            nightjar::hooks::HookPoint::BeforeCommit => "commit",
+            _ => return,
+        };
+        if here == self.0 {
+            eprintln!("nightjar test child: paused at {here}");
+            // Blocks the thread on purpose: a transaction may be open, and
+            // the process is about to be killed.
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Starts a run of job `accounts` of the project in `dir` in a child process
+/// (this test binary, re-executed into [`paused_run_child`]) that stops at
+/// `point` (`stage` or `commit`); returns once it is there, for the caller
+/// to SIGKILL. The hook is injected by the child, not built into nightjar.
+pub fn start_paused_child(dir: &Path, point: &str) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", "fixture::paused_run_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("NIGHTJAR_TEST_CHILD_DIR", dir)
+        .env("NIGHTJAR_TEST_CHILD_PAUSE", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the child starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("paused at") => return child,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the child run never reached `{point}`:\n{}", seen.join("\n"));
+            }
+        }
+    }
+}
+
+/// The child of [`start_paused_child`]; does nothing when run directly.
+#[test]
+#[ignore = "the crash tests run it in a child process"]
+fn paused_run_child() {
+    let (Ok(dir), Ok(point)) = (std::env::var("NIGHTJAR_TEST_CHILD_DIR"), std::env::var("NIGHTJAR_TEST_CHILD_PAUSE"))
+    else {
+        return;
+    };
+    let point: &'static str = if point == "commit" { "commit" } else { "stage" };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let dir = PathBuf::from(dir);
+        let project = Project::load(&dir.join("nightjar.toml")).expect("the project loads");
+        let state = StateStore::open(&dir.join("state/nightjar.db")).await.expect("state opens");
+        let engine = Engine::new().with_hooks(std::sync::Arc::new(PauseAt(point)));
+        let report = run_job(&engine, &project, &state, "accounts", Trigger::Manual).await;
+        panic!("the child run was meant to stop at {point}, but ended: {report:?}");
+    });
 }

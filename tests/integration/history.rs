@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use nightjar::state::StateStore;
+use nightjar::state::StateDb;
 
 use crate::fixture::Fixture;
 
@@ -38,7 +38,7 @@ INSERT INTO watermarks (job, value, run_id, updated_at) VALUES
 
 fn state_with_runs(dir: &Path) -> PathBuf {
     let path = dir.join("state.db");
-    drop(StateStore::open(&path).expect("state opens"));
+    drop(StateDb::open(&path).expect("state opens"));
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(RUNS).unwrap();
     path
@@ -115,7 +115,7 @@ async fn watermark_is_shown_moved_and_cleared_and_each_change_is_in_history() {
     }
     golden("watermark.txt", &out);
 
-    let history = fx.state.history(&Default::default()).unwrap();
+    let history = fx.state.history(Default::default()).await.unwrap();
     let changes: Vec<(Option<&str>, Option<&str>, &str)> = history
         .iter()
         .map(|r| (r.watermark_before.as_deref(), r.watermark_after.as_deref(), r.trigger.as_str()))
@@ -127,7 +127,7 @@ async fn watermark_is_shown_moved_and_cleared_and_each_change_is_in_history() {
     let report = fx.run().await;
     assert_eq!(report.window.and_then(|w| w.start).map(nightjar::state::ts).as_deref(), at);
     // limits, create, poll, one results page at least.
-    let recorded = fx.state.run(report.run_id).unwrap().unwrap();
+    let recorded = fx.state.run(report.run_id).await.unwrap().unwrap();
     assert!(recorded.counts.api_calls >= 4, "API calls are counted: {recorded:?}");
 
     let bad = tokio::task::block_in_place(|| {

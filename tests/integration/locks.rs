@@ -13,12 +13,14 @@ use crate::fixture::{Fixture, FixtureOptions};
 
 const ACCOUNTS: usize = 3_000;
 
-/// `nightjar run accounts` held at the `stage` pause point, once it got there.
-fn start_paused(fx: &Fixture) -> Child {
+/// `nightjar run accounts` in the middle of its pipeline: the sandbox holds
+/// back the second result page, and the run has staged the first (its
+/// progress line on stderr says so). No hook: the real binary as shipped.
+fn start_mid_run(fx: &Fixture) -> Child {
+    fx.sandbox.add_faults("delay:ms=600000,on=results,nth=2").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nightjar"))
         .args(["--config", "nightjar.toml", "run", "accounts"])
         .current_dir(fx.dir.path())
-        .env("NIGHTJAR_TEST_PAUSE_AT", "stage")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -28,8 +30,8 @@ fn start_paused(fx: &Fixture) -> Child {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let paused = line.contains("paused at");
-            let _ = tx.send((paused, line));
+            let staged = line.contains("1 page(s)") && line.contains("rows staged");
+            let _ = tx.send((staged, line));
         }
     });
     let mut seen = Vec::new();
@@ -40,10 +42,12 @@ fn start_paused(fx: &Fixture) -> Child {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("the first run never reached the `stage` pause point:\n{}", seen.join("\n"));
+                panic!("the first run never staged its first page:\n{}", seen.join("\n"));
             }
         }
     }
+    // The delayed page must not hold up the next run of the test.
+    fx.sandbox.clear_faults();
     child
 }
 
@@ -70,12 +74,14 @@ async fn fixture() -> Fixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_a_running_job_is_refused_and_names_the_holder() {
     let fx = fixture().await;
-    let first = tokio::task::block_in_place(|| start_paused(&fx));
+    let first = tokio::task::block_in_place(|| start_mid_run(&fx));
     let first_pid = first.id();
 
     let second = tokio::task::block_in_place(|| run_cli(&fx));
     // The same process trying again (the library call `serve` makes) is refused too.
-    let same_process = nightjar::run::run_job(&fx.project, &fx.state, "accounts", "test").await;
+    let same_process =
+        nightjar::run::run_job(&fx.engine, &fx.project, &fx.state, "accounts", nightjar::outcome::Trigger::Manual)
+            .await;
     kill(first);
 
     let err = String::from_utf8_lossy(&second.stderr).into_owned();
@@ -85,7 +91,7 @@ async fn a_second_run_of_a_running_job_is_refused_and_names_the_holder() {
         Err(nightjar::run::RunError::Locked(holder)) => assert_eq!(holder.pid, first_pid),
         other => panic!("expected the lock to refuse the run, got {other:?}"),
     }
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     assert_eq!(history.len(), 1, "only the first attempt is a run: {history:?}");
     assert_eq!(history[0].status, RunStatus::Running, "it was killed, nothing closed it yet");
 }
@@ -100,9 +106,9 @@ async fn a_run_killed_mid_way_is_marked_abandoned_and_the_next_run_completes() {
             "{text}\n[smtp]\nhost = \"127.0.0.1\"\nport = 9\nsecurity = \"none\"\nfrom = \"etl@example.com\"\n\n[alerts]\nemail = [\"oncall@example.com\"]\n"
         )).unwrap();
 
-    let first = tokio::task::block_in_place(|| start_paused(&fx));
+    let first = tokio::task::block_in_place(|| start_mid_run(&fx));
     kill(first);
-    let killed = fx.state.history(&HistoryFilter::default()).unwrap();
+    let killed = fx.state.history(HistoryFilter::default()).await.unwrap();
     assert_eq!(killed.len(), 1);
     let sf_jobs = killed[0].salesforce_job_ids.clone();
     assert_eq!(sf_jobs.len(), 1, "the killed run had created its Bulk job");
@@ -112,7 +118,7 @@ async fn a_run_killed_mid_way_is_marked_abandoned_and_the_next_run_completes() {
     assert!(next.status.success(), "{err}");
     assert!(err.contains(&format!("marked run(s) {} abandoned", killed[0].id)), "{err}");
 
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     let statuses: Vec<RunStatus> = history.iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![RunStatus::Succeeded, RunStatus::Abandoned], "newest first");
     assert_eq!(history[1].error_class.as_deref(), Some("abandoned"));
@@ -121,7 +127,7 @@ async fn a_run_killed_mid_way_is_marked_abandoned_and_the_next_run_completes() {
     let rows: i64 = conn.query_row("SELECT count(*) FROM account", [], |r| r.get(0)).unwrap();
     assert_eq!(rows, ACCOUNTS as i64, "every row exactly once");
 
-    let alerts = fx.state.outbox(&OutboxFilter::default()).unwrap();
+    let alerts = fx.state.outbox(OutboxFilter::default()).await.unwrap();
     assert!(
         alerts.iter().any(|a| a.run_id == Some(killed[0].id) && a.kind.as_str() == "abandoned"),
         "an alert is queued for the abandoned run: {alerts:?}"

@@ -5,6 +5,7 @@
 mod alerts;
 mod cli;
 mod crash;
+mod extract;
 mod files;
 mod fixture;
 mod history;

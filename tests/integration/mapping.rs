@@ -112,7 +112,7 @@ async fn planted_bad_values_are_rejected_kept_shown_and_can_fail_the_run() {
     for (id, _) in &planted {
         assert!(!loaded.contains(&id.to_string()), "{id} was loaded despite its bad postal code");
     }
-    let rejects = fx.state.rejects(report.run_id).unwrap();
+    let rejects = fx.state.rejects(report.run_id).await.unwrap();
     assert_eq!(rejects.len(), 3);
     for (reject, (id, value)) in rejects.iter().zip(&planted) {
         assert_eq!(reject.record_id.as_deref(), Some(*id));
@@ -137,13 +137,13 @@ async fn planted_bad_values_are_rejected_kept_shown_and_can_fail_the_run() {
     // keeps the watermark, and history says why.
     edit(&job, "max_reject_ratio = 0.05", "max_reject_ratio = 0");
     fx.reload();
-    let watermark = fx.state.watermark("accounts").unwrap();
+    let watermark = fx.state.watermark("accounts").await.unwrap();
     let cleared = nightjar(fx.dir.path(), &["watermark", "accounts", "--clear"]);
     assert!(cleared.status.success(), "{}", String::from_utf8_lossy(&cleared.stderr));
     let strict = fx.run().await;
     assert_eq!(strict.status, RunStatus::Failed);
     assert_eq!(fx.table().len(), 117, "a failed run changes nothing in the target");
-    assert_eq!(fx.state.watermark("accounts").unwrap(), None, "the cleared watermark stays cleared");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None, "the cleared watermark stays cleared");
     assert!(watermark.is_some());
     let history = nightjar(fx.dir.path(), &["history", "--job", "accounts", "--status", "failed"]);
     let text = String::from_utf8_lossy(&history.stdout);

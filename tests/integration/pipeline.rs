@@ -64,7 +64,7 @@ async fn loads_everything_then_only_changes_then_nothing() {
     assert_eq!(first.counts.inserted, 2_500);
     assert_eq!(first.counts.rejected, 0);
     assert_round_trip(&fx);
-    let watermark1 = fx.state.watermark("accounts").unwrap().expect("watermark set after commit");
+    let watermark1 = fx.state.watermark("accounts").await.unwrap().expect("watermark set after commit");
     assert_eq!(Some(watermark1), first.window.map(|w| w.end));
     assert_eq!(watermark1, fx.sandbox.now() - chrono::Duration::minutes(2), "upper bound = Salesforce now - settle");
 
@@ -85,8 +85,8 @@ async fn loads_everything_then_only_changes_then_nothing() {
     let end2 = second.window.unwrap().end;
     let expected = format!(
         "SystemModstamp >= {} AND SystemModstamp < {}",
-        nightjar::run::soql_datetime(watermark1),
-        nightjar::run::soql_datetime(end2)
+        nightjar::window::soql_datetime(watermark1),
+        nightjar::window::soql_datetime(end2)
     );
     assert!(queries[1].contains(&expected), "SOQL {} lacks window {expected}", queries[1]);
     assert!(!queries[1].to_ascii_uppercase().contains("ORDER BY"));
@@ -100,14 +100,14 @@ async fn loads_everything_then_only_changes_then_nothing() {
     assert_eq!(fx.table(), before, "a run with no changes rewrites nothing");
 
     // Re-running an already loaded window (watermark moved back) is idempotent.
-    fx.state.clear_watermark("accounts").unwrap();
+    fx.state.clear_watermark("accounts").await.unwrap();
     let again = fx.run().await;
     assert_eq!(again.status, RunStatus::Succeeded, "{:?}", again.error);
     assert_eq!(again.counts.extracted, 2_500);
     assert_eq!(again.counts.unchanged, 2_500);
     assert_eq!(fx.table(), before, "loading the same window twice changes nothing");
 
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     assert_eq!(history.len(), 4);
     assert!(history.iter().all(|r| r.status == RunStatus::Succeeded));
     assert!(history.iter().all(|r| r.salesforce_job_ids.len() == 1 && r.salesforce_job_ids[0].starts_with("750")));
@@ -119,7 +119,7 @@ async fn failed_query_job_keeps_the_watermark_and_says_why() {
     fx.advance(60);
     let first = fx.run().await;
     assert_eq!(first.status, RunStatus::Succeeded, "{:?}", first.error);
-    let watermark = fx.state.watermark("accounts").unwrap();
+    let watermark = fx.state.watermark("accounts").await.unwrap();
     let table = fx.table();
 
     fx.sandbox.update_records("Account", 5).unwrap();
@@ -130,10 +130,11 @@ async fn failed_query_job_keeps_the_watermark_and_says_why() {
     let error = failed.error.clone().unwrap();
     assert!(error.contains("Unexpected exception encountered in query processing (test)"), "{error}");
     assert!(error.contains(&failed.salesforce_job_ids[0]), "the error names the Salesforce job: {error}");
-    assert_eq!(fx.state.watermark("accounts").unwrap(), watermark, "a failed run leaves the watermark");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), watermark, "a failed run leaves the watermark");
     assert_eq!(fx.table(), table, "a failed run leaves the target");
 
-    let history = fx.state.history(&HistoryFilter { status: Some(RunStatus::Failed), ..Default::default() }).unwrap();
+    let history =
+        fx.state.history(HistoryFilter { status: Some(RunStatus::Failed), ..Default::default() }).await.unwrap();
     assert_eq!(history.len(), 1);
     assert!(history[0].error.as_deref().unwrap().contains("query processing"));
     assert!(history[0].watermark_after.is_none());
@@ -147,9 +148,7 @@ async fn failed_query_job_keeps_the_watermark_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_fail_the_run_with_a_remedy() {
     let mut fx = Fixture::new(10, 100).await;
-    if let Some(conn) = fx.project.global.connections.get_mut("org")
-        && let nightjar::config::Connection::Salesforce(sf) = conn.get_mut()
-    {
+    if let Some(nightjar::config::Connection::Salesforce(sf)) = fx.project.connections.get_mut("org") {
         sf.client_secret = Some(nightjar::config::Secret::new("not-the-secret"));
     }
     let report = fx.run().await;
@@ -157,7 +156,7 @@ async fn wrong_credentials_fail_the_run_with_a_remedy() {
     let error = report.error.unwrap();
     assert!(error.contains("login refused") && error.contains("client_secret"), "{error}");
     assert!(!error.contains("not-the-secret"), "secrets never appear in errors");
-    assert_eq!(fx.state.watermark("accounts").unwrap(), None);
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +196,7 @@ async fn sqlite_soft_and_hard_deletes() {
             assert_eq!(left, 0);
         }
         let before = fx.table();
-        fx.state.clear_watermark("accounts").unwrap();
+        fx.state.clear_watermark("accounts").await.unwrap();
         let again = fx.run().await;
         assert_eq!(again.status, RunStatus::Succeeded, "{:?}", again.error);
         assert_eq!((again.counts.inserted, again.counts.updated, again.counts.deleted), (0, 0, 0), "{mode}");

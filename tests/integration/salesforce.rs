@@ -9,26 +9,16 @@ use std::time::Duration;
 
 use nightjar::config::{Connection, Project, SalesforceConnection};
 use nightjar::run::RunReport;
-use nightjar::salesforce::{RetryPolicy, SalesforceClient};
+use nightjar::salesforce::{Clients, RetryPolicy, SalesforceClient};
 use nightjar::sandbox::{ErrorBody, FaultAction, FaultRule, FaultTarget, LoggedRequest};
 use nightjar::state::RunStatus;
 use rusqlite::types::Value;
 
-use crate::fixture::Fixture;
+use crate::fixture::{Fixture, fast_retries};
 
 const PAGE: u32 = 1_000;
 const ROWS: usize = 2_500;
 const PAGES: usize = 3;
-
-/// Short backoffs so fault tests take seconds, with the production bounds
-/// on attempts.
-fn fast_retries() -> RetryPolicy {
-    RetryPolicy {
-        min_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(200),
-        ..RetryPolicy::default()
-    }
-}
 
 fn connection(fx: &Fixture) -> SalesforceConnection {
     match fx.project.connection("org") {
@@ -37,12 +27,10 @@ fn connection(fx: &Fixture) -> SalesforceConnection {
     }
 }
 
-/// A fixture whose data has settled, with the shared client of its
-/// connection set to fast retries.
+/// A fixture whose data has settled (its engine's clients retry fast).
 async fn fixture() -> Fixture {
     let fx = Fixture::new(ROWS, PAGE).await;
     fx.advance(60);
-    SalesforceClient::share_with_policy("org", &connection(&fx), fast_retries()).unwrap();
     fx
 }
 
@@ -53,7 +41,6 @@ fn reconfigure(fx: &mut Fixture, auth_lines: &str) {
     assert!(text.contains("auth = \"client_credentials\"\n"));
     std::fs::write(&path, text.replace("auth = \"client_credentials\"\n", auth_lines)).unwrap();
     fx.project = Project::load(&path).unwrap_or_else(|e| panic!("reconfigured project: {e}"));
-    SalesforceClient::share_with_policy("org", &connection(fx), fast_retries()).unwrap();
 }
 
 fn requests(fx: &Fixture, pred: impl Fn(&LoggedRequest) -> bool) -> Vec<LoggedRequest> {
@@ -111,15 +98,15 @@ fn assert_succeeded(report: &RunReport) {
 
 /// A failed run: its error contains every fragment, the watermark did not
 /// move and nothing reached the warehouse.
-fn assert_failed(fx: &Fixture, report: &RunReport, fragments: &[&str]) -> String {
+async fn assert_failed(fx: &Fixture, report: &RunReport, fragments: &[&str]) -> String {
     assert_eq!(report.status, RunStatus::Failed);
     let error = report.error.clone().unwrap_or_default();
     for fragment in fragments {
         assert!(error.contains(fragment), "error lacks `{fragment}`: {error}");
     }
-    assert_eq!(fx.state.watermark("accounts").unwrap(), None, "the watermark stays put");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None, "the watermark stays put");
     assert!(warehouse_ids(fx).is_empty(), "nothing was committed");
-    let history = fx.state.run(report.run_id).unwrap().unwrap();
+    let history = fx.state.run(report.run_id).await.unwrap().unwrap();
     assert_eq!(history.error.as_deref(), Some(error.as_str()), "history says why");
     error
 }
@@ -132,7 +119,7 @@ async fn expired_sessions_mid_poll_and_mid_download_renew_once_and_resume() {
     let report = fx.run().await;
     assert_succeeded(&report);
     assert_every_row_once(&fx);
-    assert!(fx.state.watermark("accounts").unwrap().is_some());
+    assert!(fx.state.watermark("accounts").await.unwrap().is_some());
 
     // One login, then one renewal per expiry; nothing started over.
     assert_eq!(requests(&fx, is_token).len(), 3);
@@ -152,7 +139,8 @@ async fn a_session_not_valid_for_rest_fails_with_its_remedy_without_looping() {
         &fx,
         &report,
         &["HTTP 401", "INVALID_SESSION_ID", "not valid for use with the REST API", "`api` scope"],
-    );
+    )
+    .await;
     assert_eq!(requests(&fx, is_token).len(), 1, "no refresh for this 401");
     assert_eq!(requests(&fx, is_create).len(), 1, "no retry either");
 }
@@ -193,9 +181,9 @@ async fn an_outage_longer_than_the_retry_bound_fails_after_bounded_attempts() {
     let fx = fixture().await;
     fx.sandbox.add_faults("http:code=503,body=empty,on=results,times=1000").unwrap();
     let report = fx.run().await;
-    let error = assert_failed(&fx, &report, &["HTTP 503", "gave up after 5 attempts"]);
+    let error = assert_failed(&fx, &report, &["HTTP 503", "gave up after 5 attempts"]).await;
     assert!(error.contains(&report.salesforce_job_ids[0]), "names the Salesforce job: {error}");
-    let retries = RetryPolicy::default().per_request;
+    let retries = RetryPolicy::default().per_request as usize;
     assert_eq!(requests(&fx, is_results).len(), 1 + retries, "one request, {retries} retries, no more");
 }
 
@@ -214,7 +202,8 @@ async fn request_limit_exceeded_fails_at_once_and_says_when_it_comes_back() {
             "daily API request limit is spent",
             "24 hours",
         ],
-    );
+    )
+    .await;
     assert!(error.contains(&report.salesforce_job_ids[0]), "names the Salesforce job: {error}");
     assert_eq!(requests(&fx, is_poll).len(), 1, "no retry of a spent limit");
     assert!(requests(&fx, is_results).is_empty());
@@ -226,12 +215,12 @@ async fn a_daily_budget_that_runs_out_mid_run_stops_it_and_limits_agree_with_the
     // Enough for /limits, create and a few polls/pages, not for the whole run.
     fx.sandbox.add_faults("api-budget:max=100,used=95").unwrap();
     let report = fx.run().await;
-    assert_failed(&fx, &report, &["REQUEST_LIMIT_EXCEEDED", "daily API request limit is spent"]);
+    assert_failed(&fx, &report, &["REQUEST_LIMIT_EXCEEDED", "daily API request limit is spent"]).await;
     let (used, max) = fx.sandbox.api_usage();
     assert_eq!((used, max), (100, 100));
     let refused = requests(&fx, is_data).len() as u64 - (used - 95);
     assert_eq!(refused, 1, "the first refused call ends the run");
-    let client = SalesforceClient::shared("org", &connection(&fx)).unwrap();
+    let client = fx.engine.clients.get("org", &connection(&fx)).unwrap();
     assert_eq!(client.api_usage(), Some((100, 100)), "Sforce-Limit-Info is tracked");
     let limits = client.for_run().limits().await.unwrap();
     assert_eq!((limits.daily_api_max, limits.daily_api_remaining), (100, 0), "/limits agrees");
@@ -247,9 +236,10 @@ async fn the_limits_guard_keeps_a_run_from_starting() {
         &fx,
         &report,
         &["only 499 of 15000 daily API requests remain", "min_api_remaining = 1000", "did not start"],
-    );
+    )
+    .await;
     assert!(!error.is_empty());
-    assert_eq!(fx.state.run(report.run_id).unwrap().unwrap().error_class.as_deref(), Some("api_limit"));
+    assert_eq!(fx.state.run(report.run_id).await.unwrap().unwrap().error_class.as_deref(), Some("api_limit"));
     assert!(requests(&fx, is_create).is_empty(), "no Bulk job was created");
     assert_eq!(requests(&fx, is_data).len(), 1, "one /limits call");
 }
@@ -259,7 +249,7 @@ async fn a_failed_job_fails_the_run_with_its_message_and_a_slow_one_just_takes_l
     let fx = fixture().await;
     fx.sandbox.add_faults("fail-job:message=Unexpected exception encountered in query processing").unwrap();
     let report = fx.run().await;
-    let error = assert_failed(&fx, &report, &["Unexpected exception encountered in query processing"]);
+    let error = assert_failed(&fx, &report, &["Unexpected exception encountered in query processing"]).await;
     assert!(error.contains(&report.salesforce_job_ids[0]));
     assert!(requests(&fx, is_results).is_empty());
 
@@ -285,7 +275,7 @@ async fn runs_of_a_connection_share_one_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_max_concurrent_jobs_slots_per_connection() {
     let fx = fixture().await;
-    let client = SalesforceClient::shared("org", &connection(&fx)).unwrap();
+    let client = fx.engine.clients.get("org", &connection(&fx)).unwrap();
     let (a, b) = (client.for_run(), client.for_run());
     let first = a.job_slot().await;
     let second = b.job_slot().await;
@@ -336,13 +326,14 @@ async fn refresh_token_flow_and_a_revoked_token_says_to_log_in_again() {
     let mut fx = fixture().await;
     let refresh = fx.sandbox.issue_refresh_token();
     fx.state
-        .store_refresh_token("org", &nightjar::config::Secret::new(refresh.clone()), "x", chrono::Utc::now())
+        .store_refresh_token("org", nightjar::config::Secret::new(refresh.clone()), "x", chrono::Utc::now())
+        .await
         .unwrap();
     reconfigure(&mut fx, "auth = \"refresh_token\"\n");
     let report = fx.run().await;
     assert_succeeded(&report);
     assert_every_row_once(&fx);
-    let watermark = fx.state.watermark("accounts").unwrap();
+    let watermark = fx.state.watermark("accounts").await.unwrap();
     assert!(requests(&fx, is_token)[0].body.contains("grant_type=refresh_token"));
 
     fx.sandbox.revoke_refresh_tokens();
@@ -355,7 +346,7 @@ async fn refresh_token_flow_and_a_revoked_token_says_to_log_in_again() {
     for fragment in ["invalid_grant", "expired access/refresh token", "HTTP 400", "run `nightjar auth login org`"] {
         assert!(error.contains(fragment), "error lacks `{fragment}`: {error}");
     }
-    assert_eq!(fx.state.watermark("accounts").unwrap(), watermark, "the watermark stays put");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), watermark, "the watermark stays put");
     assert!(!error.contains(&refresh), "the refresh token is never quoted");
     // One login, one renewal attempt after the 401, nothing more.
     assert_eq!(requests(&fx, is_token).len(), 2);
@@ -376,7 +367,10 @@ async fn pkce_login_stores_a_refresh_token_that_runs_use() {
     })
     .await
     .unwrap();
-    fx.state.store_refresh_token("org", &outcome.refresh_token, &outcome.instance_url, chrono::Utc::now()).unwrap();
+    fx.state
+        .store_refresh_token("org", outcome.refresh_token.clone(), &outcome.instance_url, chrono::Utc::now())
+        .await
+        .unwrap();
 
     let authorize = requests(&fx, |r| r.path == "/services/oauth2/authorize");
     let query = authorize[0].query.clone().unwrap_or_default();
@@ -540,7 +534,7 @@ async fn a_cancelled_run_aborts_its_bulk_job_and_history_names_it() {
     let job_id = {
         let created = requests(&fx, is_create);
         assert_eq!(created.len(), 1);
-        let history = fx.state.history(&Default::default()).unwrap();
+        let history = fx.state.history(Default::default()).await.unwrap();
         assert_eq!(history[0].status, RunStatus::Running);
         assert_eq!(history[0].salesforce_job_ids.len(), 1, "history names the Salesforce job");
         history[0].salesforce_job_ids[0].clone()
@@ -555,20 +549,20 @@ async fn a_cancelled_run_aborts_its_bulk_job_and_history_names_it() {
     }
     assert_eq!(aborted.len(), 1, "the Bulk job was aborted");
     assert!(aborted[0].body.contains("Aborted"));
-    assert_eq!(fx.state.watermark("accounts").unwrap(), None);
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None);
     assert!(warehouse_ids(&fx).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_run_retry_budget_bounds_retries_across_requests() {
-    let fx = fixture().await;
-    let policy = RetryPolicy { per_run: 3, ..fast_retries() };
-    SalesforceClient::share_with_policy("org", &connection(&fx), policy).unwrap();
+    let mut fx = fixture().await;
+    fx.engine =
+        nightjar::run::Engine::new().with_clients(Clients::with_policy(RetryPolicy { per_run: 3, ..fast_retries() }));
     // Each request fails within its own bound, but together they need more
     // retries than the run may spend.
     fx.sandbox.add_faults("http:code=503,on=create,times=2;http:code=500,on=poll,times=2").unwrap();
     let report = fx.run().await;
-    assert_failed(&fx, &report, &["HTTP 500", "the run's retry budget is spent"]);
+    assert_failed(&fx, &report, &["HTTP 500", "the run's retry budget is spent"]).await;
     assert_eq!(requests(&fx, is_create).len(), 3, "create: two retries");
     assert_eq!(requests(&fx, is_poll).len(), 2, "poll: the third retry of the run is refused");
 }
@@ -702,7 +696,7 @@ async fn auth_login_command_stores_the_refresh_token_without_printing_it() {
     assert!(status.success(), "{printed}");
     assert!(printed.contains("the refresh token is stored in"), "{printed}");
 
-    let stored = fx.state.refresh_token("org").unwrap().expect("a refresh token is stored");
+    let stored = fx.state.refresh_token("org").await.unwrap().expect("a refresh token is stored");
     for token in fx.sandbox.issued_tokens() {
         assert!(!printed.contains(&token), "a token was printed");
     }

@@ -43,8 +43,8 @@ async fn serve_runs_a_scheduled_job_and_drains_on_sigterm() {
 
     let scheduled_run = tokio::task::block_in_place(|| {
         wait_until(Duration::from_secs(60), || {
-            let runs = fx.state.history(&HistoryFilter { status: Some(RunStatus::Succeeded), ..Default::default() });
-            runs.is_ok_and(|runs| runs.iter().any(|r| r.trigger == "schedule"))
+            let runs = fx.history_blocking(HistoryFilter { status: Some(RunStatus::Succeeded), ..Default::default() });
+            runs.iter().any(|r| r.trigger == "schedule")
         })
     });
     let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
@@ -59,7 +59,7 @@ async fn serve_runs_a_scheduled_job_and_drains_on_sigterm() {
     assert!(scheduled_run, "no scheduled run succeeded:\n{}", log_text());
     assert!(exited && status.success(), "serve did not stop cleanly on SIGTERM ({status}):\n{}", log_text());
 
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     assert!(history.iter().all(|r| r.status != RunStatus::Running), "the run in flight finished: {history:?}");
     let first = history.iter().rev().find(|r| r.trigger == "schedule").unwrap();
     assert_eq!(first.counts.inserted, 50, "the scheduled run loaded the data");
@@ -82,9 +82,9 @@ async fn a_run_past_its_timeout_is_cancelled_its_bulk_job_aborted_and_nothing_co
     fx.sandbox.add_faults("slow-jobs:polls=100000").unwrap();
     let report = fx.run().await;
     assert_eq!(report.status, RunStatus::Cancelled, "{:?}", report.error);
-    let run = fx.state.run(report.run_id).unwrap().unwrap();
+    let run = fx.state.run(report.run_id).await.unwrap().unwrap();
     assert_eq!(run.error_class.as_deref(), Some("timeout"));
-    assert_eq!(fx.state.watermark("accounts").unwrap(), None, "the watermark did not move");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None, "the watermark did not move");
     let sf_job = run.salesforce_job_ids.first().cloned().expect("the Bulk job was created before the timeout");
     let aborted = tokio::task::block_in_place(|| {
         wait_until(Duration::from_secs(30), || {
@@ -105,9 +105,18 @@ async fn a_failed_attempt_is_retried_as_a_run_of_its_own_linked_to_the_first() {
     fx.sandbox.fail_next_query_jobs(1, "INVALID_FIELD: no such column");
     let (_stop, stopping) = tokio::sync::watch::channel(false);
     let (_cancel, cancel) = tokio::sync::watch::channel(false);
-    nightjar::run::run_series(&fx.project, &fx.state, "accounts", "schedule", stopping, cancel).await;
+    nightjar::run::run_series(
+        &fx.engine,
+        &fx.project,
+        &fx.state,
+        "accounts",
+        nightjar::outcome::Trigger::Schedule,
+        stopping,
+        cancel,
+    )
+    .await;
 
-    let mut history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let mut history = fx.state.history(HistoryFilter::default()).await.unwrap();
     history.reverse();
     let series: Vec<(RunStatus, &str, u32, Option<i64>)> =
         history.iter().map(|r| (r.status, r.trigger.as_str(), r.attempt, r.retry_of)).collect();
@@ -168,7 +177,7 @@ impl Serve {
 }
 
 fn runs_with(fx: &Fixture, trigger: &str, status: RunStatus) -> usize {
-    let history = fx.state.history(&HistoryFilter::default()).unwrap_or_default();
+    let history = fx.history_blocking(HistoryFilter::default());
     history.iter().filter(|r| r.trigger == trigger && r.status == status).count()
 }
 
@@ -207,8 +216,15 @@ async fn a_missed_scheduled_time_is_caught_up_once_at_start() {
     job_header(&mut fx, "schedule = \"0 0 0 * * *\"\ncatch_up = true");
     // The last run was long before last midnight: that midnight was missed.
     // Its process died long ago too (a pid above Linux's pid_max is never alive).
-    let old =
-        fx.state.open_run("accounts", "schedule", chrono::DateTime::from_timestamp(946_684_800, 0).unwrap()).unwrap();
+    let old = fx
+        .state
+        .open_run(
+            "accounts",
+            nightjar::outcome::Trigger::Schedule,
+            chrono::DateTime::from_timestamp(946_684_800, 0).unwrap(),
+        )
+        .await
+        .unwrap();
     let conn = rusqlite::Connection::open(fx.dir.path().join("state/nightjar.db")).unwrap();
     conn.execute("UPDATE runs SET pid = 5000000 WHERE id = ?1", [old]).unwrap();
     tokio::task::block_in_place(|| {
@@ -218,7 +234,7 @@ async fn a_missed_scheduled_time_is_caught_up_once_at_start() {
         assert!(serve.stop().success(), "{log}");
         assert!(caught_up, "no catch-up run:\n{log}");
     });
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     assert_eq!(history.iter().filter(|r| r.trigger == "catch_up").count(), 1, "one run, not one per missed day");
     assert_eq!(
         history.iter().find(|r| r.status == RunStatus::Abandoned).map(|r| r.id),
@@ -237,14 +253,14 @@ async fn a_tick_while_the_job_still_runs_is_skipped_and_recorded() {
     tokio::task::block_in_place(|| {
         let serve = Serve::start(&fx);
         let skipped = wait_until(Duration::from_secs(60), || {
-            let history = fx.state.history(&HistoryFilter::default()).unwrap_or_default();
+            let history = fx.history_blocking(HistoryFilter::default());
             history.iter().any(|r| r.error_class.as_deref() == Some("skipped"))
         });
         let log = serve.log();
         assert!(serve.stop().success(), "{log}");
         assert!(skipped, "no skip recorded:\n{log}");
     });
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     let skip = history.iter().find(|r| r.error_class.as_deref() == Some("skipped")).unwrap();
     assert_eq!(skip.status, RunStatus::Cancelled);
     assert!(skip.error.as_deref().is_some_and(|e| e.contains("still going")), "{skip:?}");
@@ -261,7 +277,7 @@ async fn sigterm_past_the_grace_period_cancels_the_run_and_leaves_target_and_wat
     tokio::task::block_in_place(|| {
         let serve = Serve::start_with_grace(&fx, "1s");
         let in_flight = wait_until(Duration::from_secs(60), || {
-            let history = fx.state.history(&HistoryFilter::default()).unwrap_or_default();
+            let history = fx.history_blocking(HistoryFilter::default());
             history.iter().any(|r| r.status == RunStatus::Running && !r.salesforce_job_ids.is_empty())
         });
         assert!(in_flight, "no run got to its Bulk job:\n{}", serve.log());
@@ -269,11 +285,11 @@ async fn sigterm_past_the_grace_period_cancels_the_run_and_leaves_target_and_wat
         let status = serve.stop();
         assert!(status.success(), "serve did not exit cleanly ({status}):\n{log_before}");
     });
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     assert_eq!(history.len(), 1, "{history:?}");
     assert_eq!(history[0].status, RunStatus::Cancelled);
     assert_eq!(history[0].error_class.as_deref(), Some("cancelled"));
-    assert_eq!(fx.state.watermark("accounts").unwrap(), None, "the watermark did not move");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None, "the watermark did not move");
     let conn = rusqlite::Connection::open(fx.warehouse()).unwrap();
     let rows: i64 = conn.query_row("SELECT count(*) FROM account", [], |r| r.get(0)).unwrap_or(0);
     assert_eq!(rows, 0, "the target is unchanged");
@@ -289,7 +305,7 @@ async fn serve_killed_mid_run_recovers_on_restart_and_the_next_run_completes() {
     tokio::task::block_in_place(|| {
         let mut serve = Serve::start(&fx);
         let in_flight = wait_until(Duration::from_secs(60), || {
-            let history = fx.state.history(&HistoryFilter::default()).unwrap_or_default();
+            let history = fx.history_blocking(HistoryFilter::default());
             history.iter().any(|r| r.status == RunStatus::Running && !r.salesforce_job_ids.is_empty())
         });
         assert!(in_flight, "no run got to its Bulk job:\n{}", serve.log());
@@ -302,7 +318,7 @@ async fn serve_killed_mid_run_recovers_on_restart_and_the_next_run_completes() {
         assert!(serve.stop().success(), "{log}");
         assert!(recovered, "no run succeeded after the restart:\n{log}");
     });
-    let history = fx.state.history(&HistoryFilter::default()).unwrap();
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
     let oldest = history.last().unwrap();
     assert_eq!(oldest.status, RunStatus::Abandoned, "{history:?}");
     let conn = rusqlite::Connection::open(fx.warehouse()).unwrap();
@@ -330,8 +346,10 @@ async fn an_edited_job_file_is_reloaded_without_a_signal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_rejects_a_bad_schedule_or_timezone_with_exit_2() {
-    let mut fx = Fixture::new(1, 1_000).await;
-    job_header(&mut fx, "schedule = \"0 30 2 * * *\"\ntimezone = \"Europe/Atlantis\"");
+    let fx = Fixture::new(1, 1_000).await;
+    let job = fx.dir.path().join("jobs/accounts.toml");
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("schedule = \"0 30 2 * * *\"\ntimezone = \"Europe/Atlantis\"\n{text}")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_nightjar"))
         .args(["--config", "nightjar.toml", "validate"])
         .current_dir(fx.dir.path())
@@ -340,5 +358,5 @@ async fn validate_rejects_a_bad_schedule_or_timezone_with_exit_2() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("jobs/accounts.toml: unknown timezone `Europe/Atlantis`"), "{err}");
+    assert!(err.contains("jobs/accounts.toml:2:12: unknown timezone `Europe/Atlantis`"), "{err}");
 }

@@ -1,4 +1,7 @@
 //! Incremental windows: `cursor >= watermark - lookback AND cursor < server_now - settle`.
+//!
+//! A leaf: `run` plans windows, `salesforce` turns them into SOQL, `alert`
+//! and history show them.
 
 use std::time::Duration;
 
@@ -43,33 +46,6 @@ pub fn soql_datetime(t: DateTime<Utc>) -> String {
     }
 }
 
-/// Builds the job's SOQL. No ORDER BY: it disables Salesforce's chunking of
-/// large queries.
-pub fn build_soql(
-    fields: &[&str],
-    object: &str,
-    user_where: Option<&str>,
-    cursor: Option<&str>,
-    window: Option<Window>,
-) -> String {
-    let mut conditions = Vec::new();
-    if let Some(w) = user_where.map(str::trim).filter(|w| !w.is_empty()) {
-        conditions.push(format!("({w})"));
-    }
-    if let (Some(cursor), Some(window)) = (cursor, window) {
-        if let Some(start) = window.start {
-            conditions.push(format!("{cursor} >= {}", soql_datetime(start)));
-        }
-        conditions.push(format!("{cursor} < {}", soql_datetime(window.end)));
-    }
-    let mut soql = format!("SELECT {} FROM {object}", fields.join(", "));
-    if !conditions.is_empty() {
-        soql.push_str(" WHERE ");
-        soql.push_str(&conditions.join(" AND "));
-    }
-    soql
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,17 +78,5 @@ mod tests {
     fn watermark_never_moves_back() {
         let w = plan_window(Some(t("2026-01-02T00:00:00Z")), t("2026-01-01T00:00:00Z"), Duration::ZERO, Duration::ZERO);
         assert_eq!(w.end, t("2026-01-02T00:00:00Z"));
-    }
-
-    #[test]
-    fn soql_carries_the_window_and_the_job_filter() {
-        let w = Window { start: Some(t("2026-01-01T00:00:00Z")), end: t("2026-01-01T00:58:00.250Z") };
-        let soql = build_soql(&["Id", "Name"], "Account", Some("Type != 'Test'"), Some("SystemModstamp"), Some(w));
-        assert_eq!(
-            soql,
-            "SELECT Id, Name FROM Account WHERE (Type != 'Test') AND SystemModstamp >= 2026-01-01T00:00:00Z \
-             AND SystemModstamp < 2026-01-01T00:58:00.250Z"
-        );
-        assert_eq!(build_soql(&["Id"], "Account", None, None, None), "SELECT Id FROM Account");
     }
 }
