@@ -268,7 +268,10 @@ impl Target for SqliteTarget {
             let flag = format!("COALESCE(s.{}, 0)", quote_ident(STAGED_DELETED));
             let key_match: Vec<String> =
                 plan.schema.key.iter().map(|k| format!("t.{k} = s.{k}", k = quote_ident(k))).collect();
-            let tx = conn.transaction().map_err(err)?;
+            // IMMEDIATE: take the write lock first, waiting (busy timeout)
+            // for another writer. A deferred transaction that reads and
+            // then writes cannot wait: SQLite refuses its upgrade at once.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
             for c in &evolution.add_columns {
                 tx.execute(&format!("ALTER TABLE {table} ADD COLUMN {} {}", quote_ident(&c.name), sql_type(c.ty)), [])
                     .map_err(err)?;

@@ -329,7 +329,9 @@ impl StateDb {
     /// Keeps rejects up to [`REJECTS_KEPT_PER_RUN`] per run; returns how many were stored.
     pub fn add_rejects(&self, run: RunId, rejects: &[crate::schema::Reject]) -> Result<usize, StateError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: a read-then-write transaction waits for other writers
+        // (busy timeout) instead of failing at once on the upgrade.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let kept: i64 = tx.query_row("SELECT count(*) FROM rejects WHERE run_id = ?1", [run], |r| r.get(0))?;
         let room = REJECTS_KEPT_PER_RUN.saturating_sub(kept as usize);
         {
@@ -389,7 +391,9 @@ impl StateDb {
         also: impl FnOnce(&Connection) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: a read-then-write transaction waits for other writers
+        // (busy timeout) instead of failing at once on the upgrade.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let job: String = tx.query_row("SELECT job FROM runs WHERE id = ?1", [run], |r| r.get(0))?;
         if let Some(wm) = new_watermark {
             tx.execute(

@@ -360,3 +360,82 @@ async fn validate_rejects_a_bad_schedule_or_timezone_with_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("jobs/accounts.toml:2:12: unknown timezone `Europe/Atlantis`"), "{err}");
 }
+
+/// A target commit that waits on a lock does not hold up `serve`: on a
+/// single-threaded runtime (where one blocking call would stop everything),
+/// a job whose SQLite commit waits 20 s for another writer's lock does not
+/// keep a second job with a 1-second schedule from firing on time.
+#[tokio::test(flavor = "current_thread")]
+async fn a_commit_blocked_by_a_lock_does_not_delay_other_jobs_ticks() {
+    let mut fx = Fixture::new(50, 1_000).await;
+    fx.advance(60);
+    // The blocked job has loaded once: its next run only waits at commit.
+    assert_eq!(fx.run().await.status, RunStatus::Succeeded);
+    fx.sandbox.update_records("Account", 5).unwrap();
+    fx.advance(3);
+    // A second job on the same org, every second, into a warehouse of its own.
+    let root = fx.dir.path();
+    let config = root.join("nightjar.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[connections.other]\nkind = \"sqlite\"\npath = \"state/other.db\"\n"))
+        .unwrap();
+    let job = std::fs::read_to_string(root.join("jobs/accounts.toml")).unwrap();
+    std::fs::write(
+        root.join("jobs/ticker.toml"),
+        format!("schedule = \"* * * * * *\"\n{}", job.replace("connection = \"wh\"", "connection = \"other\"")),
+    )
+    .unwrap();
+    std::fs::write(root.join("jobs/accounts.toml"), format!("schedule = \"* * * * * *\"\n{job}")).unwrap();
+    fx.reload();
+
+    // Another writer holds the warehouse for 20 s (readers are not blocked,
+    // so the run gets as far as its commit).
+    let warehouse = fx.warehouse();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(warehouse).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let since = chrono::Utc::now();
+        locked_tx.send(since).unwrap();
+        std::thread::sleep(Duration::from_secs(20));
+        conn.execute_batch("COMMIT").unwrap();
+        (since, chrono::Utc::now())
+    });
+    let locked_at = locked_rx.recv().unwrap();
+
+    let engine = std::sync::Arc::new(nightjar::run::Engine::new());
+    let project = std::sync::Arc::new(fx.project.clone());
+    let stop = tokio::time::sleep(Duration::from_secs(26));
+    nightjar::run::serve(engine, project, fx.state.clone(), None, Duration::from_secs(30), stop).await.unwrap();
+    let (_, released_at) = holder.join().unwrap();
+
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
+    let started = |r: &nightjar::state::RunRecord| {
+        chrono::DateTime::parse_from_rfc3339(&r.started_at).unwrap().with_timezone(&chrono::Utc)
+    };
+    // The ticker kept its one-second schedule while the lock was held.
+    let mut ticks: Vec<_> = history
+        .iter()
+        .filter(|r| r.job == "ticker" && r.trigger == "schedule" && r.error_class.is_none())
+        .map(started)
+        .filter(|t| *t >= locked_at && *t <= released_at)
+        .collect();
+    ticks.sort();
+    assert!(ticks.len() >= 15, "only {} ticker runs in the 20 s the lock was held: {history:#?}", ticks.len());
+    let worst = ticks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(worst <= chrono::Duration::milliseconds(2_500), "a tick came {worst} after the one before");
+    // The blocked job waited for the lock, then committed.
+    let blocked = history
+        .iter()
+        .filter(|r| r.job == "accounts" && r.trigger == "schedule" && r.status == RunStatus::Succeeded)
+        .min_by_key(|r| r.id)
+        .expect("the blocked job's run succeeded once the lock was gone");
+    let finished = chrono::DateTime::parse_from_rfc3339(blocked.finished_at.as_deref().unwrap()).unwrap();
+    assert!(finished >= released_at, "it committed only after the lock was released");
+    assert!(
+        started(blocked) < released_at,
+        "it was waiting while the lock was held: {:#?}",
+        history.iter().filter(|r| r.job == "accounts").collect::<Vec<_>>()
+    );
+    assert_eq!(blocked.counts.updated, 5);
+}
