@@ -9,6 +9,7 @@ mod extract;
 mod files;
 mod fixture;
 mod history;
+mod hostile;
 mod locks;
 mod mapping;
 mod pipeline;

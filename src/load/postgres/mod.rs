@@ -81,6 +81,11 @@ impl PostgresTarget {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // Shows in pg_stat_activity, so a DBA sees who holds a lock;
+        // `prepare` adds the run.
+        if config.get_application_name().is_none() {
+            config.application_name("nightjar");
+        }
         // The URL carries the password: report the driver's message only.
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await;
         let (client, driver) = match connected {
@@ -183,6 +188,8 @@ fn copy_error(target: &str, e: copy::CopyError) -> LoadError {
 impl Target for PostgresTarget {
     async fn prepare(&mut self, plan: &MergePlan) -> Result<(), LoadError> {
         let table = self.qualified();
+        let name: String = format!("nightjar run {} into {}", plan.run, self.label()).chars().take(63).collect();
+        self.client.execute("SELECT set_config('application_name', $1, false)", &[&name]).await.map_err(self.err())?;
         let existing = self.existing_columns().await?;
         let mut state = RunState {
             plan: plan.clone(),
