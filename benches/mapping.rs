@@ -36,8 +36,8 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let project = Project::load(&root.join("nightjar.toml")).expect("the example project loads");
     let job = project.job("accounts").expect("the example job exists");
-    let fields: Vec<String> = job.spec.source.fields.get_ref().iter().map(|f| f.get_ref().clone()).collect();
-    let mapping = Mapping::new(&job.spec, &job.mapping).expect("the example mapping compiles");
+    let fields: Vec<String> = job.source.fields.clone();
+    let mapping = Mapping::new(job);
 
     // The page as the sandbox would send it: every value quoted, null empty.
     let clock = Instant::now();
@@ -77,7 +77,7 @@ fn main() {
     let mut out = None;
     let map = median(|| {
         let clock = Instant::now();
-        let mapped = mapping.apply(&page).expect("the page maps");
+        let mapped = mapping.apply(1, &page).expect("the page maps");
         let took = clock.elapsed();
         out = Some(mapped);
         took
@@ -90,7 +90,7 @@ fn main() {
     println!(
         "nightjar mapping              {:.3} s  ({} loaded, {} rejected, {} filtered)",
         map.as_secs_f64(),
-        out.frame.height(),
+        out.page.height(),
         out.rejects.len(),
         out.rows_filtered
     );

@@ -157,7 +157,7 @@ mod tests {
         let lock = store.try_lock_job("accounts", t0()).unwrap().expect("free lock is taken");
         let run = store.open_run("accounts", "manual", t0()).unwrap();
         store.set_lock_run(&lock, run).unwrap();
-        let holder = store.try_lock_job("accounts", t0()).unwrap().err().expect("second taker is refused");
+        let holder = store.try_lock_job("accounts", t0()).unwrap().expect_err("second taker is refused");
         assert_eq!(
             (holder.pid, holder.run_id, holder.since.as_str()),
             (std::process::id(), Some(run), "2026-01-01T00:00:00.000Z")
@@ -184,7 +184,7 @@ mod tests {
         let lock = store.try_lock_job("a", t0()).unwrap().expect("stale lock is taken over");
         assert_eq!(store.lock_holder("a").unwrap().map(|h| h.pid), Some(std::process::id()));
         store.release_lock(&lock).unwrap();
-        let other = store.try_lock_job("b", t0()).unwrap().err().expect("another host's lock is kept");
+        let other = store.try_lock_job("b", t0()).unwrap().expect_err("another host's lock is kept");
         assert_eq!(other.host, "elsewhere");
     }
 }

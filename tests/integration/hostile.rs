@@ -35,6 +35,16 @@ impl BlackHole {
     }
 }
 
+/// A child process that is killed (and reaped) if a test fails first.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The fixture, mailing failures through `port` with a 3 s SMTP timeout,
 /// and a query job that fails (so there is a failure to mail).
 async fn failing_job_mailing_to(port: u16) -> Fixture {
@@ -84,14 +94,16 @@ async fn serve_exits_within_its_grace_period_when_the_smtp_server_never_greets()
     let text = std::fs::read_to_string(&job).unwrap();
     std::fs::write(&job, format!("schedule = \"* * * * * *\"\n{text}")).unwrap();
     let log = std::fs::File::create(fx.dir.path().join("serve.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nightjar"))
-        .args(["--config", "nightjar.toml", "serve", "--grace", "2s"])
-        .current_dir(fx.dir.path())
-        .env("RUST_LOG", "nightjar=info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_nightjar"))
+            .args(["--config", "nightjar.toml", "serve", "--grace", "2s"])
+            .current_dir(fx.dir.path())
+            .env("RUST_LOG", "nightjar=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     // Failures are queued and the sender is stuck talking to the hole.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -104,10 +116,10 @@ async fn serve_exits_within_its_grace_period_when_the_smtp_server_never_greets()
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stopping = Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
     let mut exited = None;
     while stopping.elapsed() < Duration::from_secs(30) {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             exited = Some(status);
             break;
         }
@@ -117,7 +129,6 @@ async fn serve_exits_within_its_grace_period_when_the_smtp_server_never_greets()
     let mut log = String::new();
     std::fs::File::open(fx.dir.path().join("serve.log")).unwrap().read_to_string(&mut log).unwrap();
     let Some(status) = exited else {
-        let _ = child.kill();
         panic!("serve did not exit within 30 s of SIGTERM:\n{log}");
     };
     assert!(status.success(), "{status}:\n{log}");
