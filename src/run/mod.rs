@@ -59,6 +59,9 @@ pub enum RunError {
         stage.name()
     )]
     StageFailed { stage: Stage, page: u32, sf_job: String, message: String },
+    /// What went wrong with one page in the map or stage step.
+    #[error("{} of page {page} of Salesforce query job {sf_job}: {source}", stage.doing())]
+    AtPage { stage: Stage, page: u32, sf_job: String, source: Box<RunError> },
     /// A stage's input ended without the end-of-extract message: the stage
     /// before it failed (that failure is the one reported).
     #[error("the {} stage ended before the extract did", .0.name())]
@@ -92,6 +95,7 @@ impl RunError {
             RunError::TooManyRejects { .. } => ErrorClass::DataRejects,
             RunError::ExtractIncomplete { .. } => ErrorClass::ExtractIncomplete,
             RunError::StageFailed { .. } | RunError::UpstreamGone(_) | RunError::Internal(_) => ErrorClass::Internal,
+            RunError::AtPage { source, .. } => source.class(),
             RunError::Locked(_) => ErrorClass::Locked,
             RunError::TimedOut(_) => ErrorClass::Timeout,
             RunError::Cancelled => ErrorClass::Cancelled,
@@ -111,7 +115,9 @@ impl RunError {
                 message: message.to_string(),
                 job_id: job_id.map(str::to_string),
             }),
-            RunError::ExtractIncomplete { sf_job, .. } | RunError::StageFailed { sf_job, .. } => {
+            RunError::ExtractIncomplete { sf_job, .. }
+            | RunError::StageFailed { sf_job, .. }
+            | RunError::AtPage { sf_job, .. } => {
                 Some(SalesforceDetail { code: None, message: self.to_string(), job_id: Some(sf_job.clone()) })
             }
             _ => None,
@@ -396,6 +402,7 @@ async fn extract_and_stage(
             let load_started = Utc::now();
             let input = pipeline::PipelineInput {
                 job: job.name.clone(),
+                sf_job: info.id.clone(),
                 run,
                 state: state.clone(),
                 hooks: engine.hooks.clone(),

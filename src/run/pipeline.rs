@@ -67,6 +67,15 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// What the stage does, for messages ("mapping of page 3 ...").
+    pub fn doing(self) -> &'static str {
+        match self {
+            Stage::Download => "downloading",
+            Stage::Map => "mapping",
+            Stage::Stage => "staging",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stage::Download => "download",
@@ -79,6 +88,7 @@ impl Stage {
 /// Everything the stage step needs from the run.
 pub(super) struct PipelineInput {
     pub job: String,
+    pub sf_job: String,
     pub run: RunId,
     pub state: StateStore,
     pub hooks: SharedHooks,
@@ -125,8 +135,8 @@ pub(super) async fn run_pipeline(
         tokio::spawn(download(pages, pages_tx, input.hooks.clone(), downloading.clone()));
     let _abort_download = AbortOnDrop(download.abort_handle());
     let map = {
-        let (hooks, current) = (input.hooks.clone(), mapping_page.clone());
-        tokio::task::spawn_blocking(move || map(mapping, pages_rx, mapped_tx, hooks, current))
+        let (hooks, current, sf_job) = (input.hooks.clone(), mapping_page.clone(), sf_job.clone());
+        tokio::task::spawn_blocking(move || map(mapping, pages_rx, mapped_tx, hooks, current, &sf_job))
     };
     let stage = tokio::spawn(stage(input, mapped_rx, target, progress.counts.clone(), staging_page.clone()));
     let _abort_stage = AbortOnDrop(stage.abort_handle());
@@ -232,6 +242,7 @@ fn map(
     tx: mpsc::Sender<Flow<(MappingOutput, Duration)>>,
     hooks: SharedHooks,
     current: Arc<AtomicU32>,
+    sf_job: &str,
 ) -> Result<(), RunError> {
     let mut rows = 0u64;
     while let Some(message) = rx.blocking_recv() {
@@ -239,7 +250,12 @@ fn map(
             Flow::Page(page) => {
                 current.store(page.number, Ordering::Relaxed);
                 let clock = Instant::now();
-                let out = mapping.apply(page.number, &page.frame)?;
+                let out = mapping.apply(page.number, &page.frame).map_err(|e| RunError::AtPage {
+                    stage: Stage::Map,
+                    page: page.number,
+                    sf_job: sf_job.to_string(),
+                    source: Box::new(e.into()),
+                })?;
                 drop(page);
                 rows += out.rows_in as u64;
                 hooks.reached(HookPoint::PageMapped(out.page.number));
@@ -295,11 +311,17 @@ async fn stage_pages(
                 counts.extracted += out.rows_in as u64;
                 counts.filtered += out.rows_filtered as u64;
                 counts.rejected += out.rejects.len() as u64;
+                let at_page = |e: RunError| RunError::AtPage {
+                    stage: Stage::Stage,
+                    page: number,
+                    sf_job: input.sf_job.clone(),
+                    source: Box::new(e),
+                };
                 if !out.rejects.is_empty() {
-                    input.state.add_rejects(input.run, out.rejects).await?;
+                    input.state.add_rejects(input.run, out.rejects).await.map_err(|e| at_page(e.into()))?;
                 }
                 let clock = Instant::now();
-                target.stage(out.page).await?;
+                target.stage(out.page).await.map_err(|e| at_page(e.into()))?;
                 staged.load_time += clock.elapsed();
                 tracing::debug!(job = %input.job, page = number, rows = out.rows_in, "page staged");
                 if let Some(sink) = &input.progress {
