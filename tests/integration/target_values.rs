@@ -29,6 +29,10 @@
 //!
 //! `PROPTEST_CASES=500` asks for a longer run; failures persist no
 //! regression files (the minimal input is printed).
+//!
+//! Plain tests at the end guard issue 13's two symptoms by name, and empty
+//! (not null) text, which the property leaves out; in a CSV snapshot that
+//! one fails (a files-target bug, reported; the test is `#[ignore]`d).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -1017,6 +1021,129 @@ fn parquet_stores_every_type_alike_for_pages_of_any_size() {
 #[test]
 fn csv_stores_every_type_alike_for_pages_of_any_size() {
     property(Kind::Csv);
+}
+
+// ---------------------------------------------------------------- regressions
+
+/// A row with every column filled, its values varying with `n`.
+fn full_row(key: &str, n: i64) -> Row {
+    let values = types()
+        .map(|ty| {
+            Some(match ty {
+                ColumnType::Text => Value::Text(format!(" say \"hi\", {n}\nnaïve\u{1f}café ")),
+                ColumnType::Integer => Value::Integer(-n * 1_000_000_007),
+                ColumnType::Float => Value::Float(n as f64 + 0.25),
+                ColumnType::Boolean => Value::Boolean(n % 2 == 0),
+                ColumnType::Timestamp => Value::Timestamp(1_764_654_911_000 + n),
+                ColumnType::Date => Value::Date(20_424 + n as i32),
+                ColumnType::Time => Value::Time(21_311_000 + n),
+                ColumnType::Decimal { scale, .. } => {
+                    Value::Decimal { unscaled: 149_821_297_132 + i128::from(n), scale }
+                }
+                ColumnType::Json => Value::Json(format!("{{\"n\": {n}, \"list\": [1, \"a,b\"]}}")),
+            })
+        })
+        .collect();
+    Row { key: key.into(), values }
+}
+
+/// A run of one page whose columns are all built alike.
+fn one_page(rows: Vec<Row>, build: Build) -> Vec<Page> {
+    vec![Page { builds: vec![build; ColumnType::ALL.len() + 1], rows }]
+}
+
+fn place_in(dir: &Path) -> Place<'static> {
+    Place { dir: dir.to_path_buf(), pg: None, table: "account".into() }
+}
+
+/// Issue 13: a page of exactly one row, whose columns Polars holds as
+/// scalars, stored `2025-12-02 05:55:11` in SQLite where every other page
+/// stored `2025-12-02T05:55:11.000Z`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_row_page_stores_timestamps_in_rfc3339_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let place = place_in(dir.path());
+    let runs = [
+        one_page(vec![full_row("a", 0)], Build::Scalar),
+        one_page(vec![full_row("b", 0), full_row("c", 0)], Build::Chunked),
+        // The same one-row page again changes nothing.
+        one_page(vec![full_row("a", 0)], Build::Scalar),
+    ];
+    check(Kind::Sqlite, &place, &runs).await.unwrap();
+
+    let conn = rusqlite::Connection::open(place.sqlite_path()).unwrap();
+    let mut stmt =
+        conn.prepare("SELECT key, typeof(c_timestamp), c_timestamp, c_date, c_time FROM account ORDER BY key").unwrap();
+    let rows: Vec<[String; 5]> = stmt
+        .query_map([], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?]))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let expect =
+        |key: &str| [key, "text", "2025-12-02T05:55:11.000Z", "2025-12-02", "05:55:11.000"].map(str::to_string);
+    assert_eq!(rows, [expect("a"), expect("b"), expect("c")], "the one-row page's row is stored like the others");
+}
+
+/// Issue 13: a CSV snapshot written from a one-row page (scalar columns) held
+/// values in another form, and the next run could not read it back to merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_row_page_keeps_a_csv_snapshot_readable_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let place = place_in(dir.path());
+    let runs = [
+        // Writes the snapshot from one row of scalar columns.
+        one_page(vec![full_row("a", 0)], Build::Scalar),
+        // Reads it back and merges a changed row (updated 1).
+        one_page(vec![full_row("a", 1)], Build::Scalar),
+        // Reads that back: `a` unchanged, `b` inserted.
+        one_page(vec![full_row("a", 1), full_row("b", 2)], Build::Chunked),
+    ];
+    check(Kind::Csv, &place, &runs).await.unwrap();
+    let path = place.file(Kind::Csv);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(",2025-12-02T05:55:11.001Z,2025-12-03,05:55:11.001,1498212971.33,"), "{text}");
+
+    // A rerun of the last window reads the snapshot and rewrites nothing.
+    let before = std::fs::read(&path).unwrap();
+    let mut target = place.open(Kind::Csv).await;
+    target.prepare(&plan(4)).await.unwrap();
+    target.stage(mapped_page(1, &runs[2][0])).await.unwrap();
+    assert_eq!(target.commit().await.unwrap(), LoadCounts { unchanged: 2, ..LoadCounts::default() });
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the snapshot is left byte for byte");
+}
+
+/// A text value can be empty rather than null (`default = ""`, or a `values`
+/// map to ""); the property leaves that out, these cover it: stored as
+/// empty text, and a rerun finds it unchanged.
+fn empty_text_runs() -> [Vec<Page>; 2] {
+    let mut row = full_row("a", 0);
+    let text = types().position(|t| t == ColumnType::Text).unwrap();
+    row.values[text] = Some(Value::Text(String::new()));
+    [one_page(vec![row.clone()], Build::Scalar), one_page(vec![row], Build::Chunked)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_text_stays_empty_text_in_sqlite_postgres_and_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [Kind::Sqlite, Kind::Parquet] {
+        let place = place_in(&dir.path().join(format!("{kind:?}")));
+        check(kind, &place, &empty_text_runs()).await.unwrap();
+    }
+    let Some(schema) = TestSchema::create("empty_text").await else { return };
+    let pg = PgPlace { schema, reader: pg_reader().await };
+    let place = Place { dir: dir.path().join("pg"), pg: Some(&pg), table: "account".into() };
+    check(Kind::Postgres, &place, &empty_text_runs()).await.unwrap();
+}
+
+/// FILES TARGET BUG (CSV), reported, not fixed here: an empty text value is
+/// written as an empty field, which the snapshot reads back as null, so the
+/// value becomes null and every rerun counts the row as updated and rewrites
+/// the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "files target (CSV) bug: empty text reads back as null, so reruns rewrite the row"]
+async fn an_empty_text_stays_empty_text_in_a_csv_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    check(Kind::Csv, &place_in(dir.path()), &empty_text_runs()).await.unwrap();
 }
 
 #[test]
