@@ -16,4 +16,5 @@ mod pipeline;
 mod postgres;
 mod salesforce;
 mod serve;
+mod target_values;
 mod validate;
