@@ -182,3 +182,49 @@ fn history_since_an_absurd_duration_lists_everything_instead_of_panicking() {
         assert!(!err.contains("panicked"), "{since}: {err}");
     }
 }
+
+/// Issue 13: a disk that refuses to grow the snapshot (here a 1 MB file-size
+/// limit, EFBIG "File too large") while the files target writes is class
+/// `disk`, naming the operation and the file, never `target` or
+/// `schema_drift`; nothing is left behind, the watermark stays, and the
+/// next run without the limit loads everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_size_limit_while_writing_parquet_is_a_disk_failure() {
+    let fx = Fixture::build(FixtureOptions {
+        accounts: 20_000,
+        page_size: 5_000,
+        target: TargetKind::Files { format: "parquet" },
+        ..Default::default()
+    })
+    .await;
+    fx.advance(60);
+    let command = format!(
+        "trap '' XFSZ; exec prlimit --fsize=1000000 {} --config nightjar.toml run accounts",
+        env!("CARGO_BIN_EXE_nightjar")
+    );
+    let out = tokio::task::block_in_place(|| {
+        Command::new("bash").args(["-c", &command]).current_dir(fx.dir.path()).env_remove("RUST_LOG").output().unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the run failed, and said so: {err}");
+    let history = fx.state.history(HistoryFilter::default()).await.unwrap();
+    let run = history.first().expect("the run is recorded");
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.error_class.as_deref(), Some(ErrorClass::Disk.as_str()), "{:?}", run.error);
+    let message = run.error.clone().unwrap_or_default();
+    assert!(message.contains("File too large"), "the I/O error itself: {message}");
+    assert!(message.contains("writing ") && message.contains("state/lake/"), "the operation and the path: {message}");
+    assert_eq!(fx.state.watermark("accounts").await.unwrap(), None, "the watermark stays");
+    let lake = fx.dir.path().join("state/lake");
+    let left: Vec<String> = std::fs::read_dir(&lake)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no snapshot, no temp files: {left:?}");
+
+    let report = fx.run().await;
+    assert_eq!(report.status, RunStatus::Succeeded, "{:?}", report.error);
+    assert_eq!(report.counts.inserted, 20_000);
+    let df = polars::prelude::ParquetReader::new(std::fs::File::open(lake.join("account.parquet")).unwrap());
+    use polars::prelude::SerReader;
+    assert_eq!(df.finish().unwrap().height(), 20_000);
+}
