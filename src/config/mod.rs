@@ -80,7 +80,8 @@ impl Project {
 
     /// [`Project::load`] over texts in memory: `files` are (path, text)
     /// pairs with the paths the files would have on disk, `config_file`
-    /// among them. The fuzz target's entry point: no disk, no directories.
+    /// among them; of a path given twice the later text counts. The fuzz
+    /// target's entry point: no disk, no directories.
     pub fn from_texts(config_file: &Path, files: &[(&str, &str)]) -> Result<Project, ConfigError> {
         let files = files.iter().map(|(path, text)| (PathBuf::from(path), text.to_string())).collect();
         Self::load_from(config_file, &InMemory(files))

@@ -169,7 +169,8 @@ fn without_exponent(text: &str) -> Option<String> {
         return None;
     }
     // Far beyond any decimal(38,s); refusing keeps the padding bounded.
-    if exponent.abs() > 400 {
+    // (`unsigned_abs`: `i64::MIN.abs()` overflows.)
+    if exponent.unsigned_abs() > 400 {
         return None;
     }
     let all: String = format!("{int}{frac}");
@@ -269,6 +270,10 @@ mod tests {
         assert!(parse_decimal("1.0E-7", 18, 0).unwrap_err().contains("more than 0 decimal places"));
         assert!(parse_decimal("1.23456789012345678E17", 18, 0).is_ok(), "no f64 rounding on the way");
         assert!(parse_decimal("1E400000", 38, 0).is_err());
+        // The exponent's absolute value used to overflow (a panic, or in a
+        // build without overflow checks an attempt to pad with 2^63 zeros).
+        assert!(parse_decimal("1e-9223372036854775808", 38, 2).is_err());
+        assert!(parse_decimal("1e9223372036854775807", 38, 2).is_err());
         assert!(parse_decimal("12.345", 18, 2).unwrap_err().contains("more than 2 decimal places"));
         assert!(parse_decimal("1000", 5, 2).unwrap_err().contains("does not fit decimal(5,2)"));
         assert!(parse_decimal("1,5", 5, 2).is_err());
