@@ -170,7 +170,8 @@ pub fn casts(data: &[u8]) {
     }
 
     if let Ok(ms) = parse_timestamp_ms(text) {
-        let shown = format_timestamp_ms(ms).unwrap_or_else(|| panic!("timestamp {text:?} gave {ms}, which does not render"));
+        let shown =
+            format_timestamp_ms(ms).unwrap_or_else(|| panic!("timestamp {text:?} gave {ms}, which does not render"));
         assert_eq!(
             parse_timestamp_ms(&shown),
             Ok(ms),
@@ -358,7 +359,11 @@ mod tests {
 
     #[test]
     fn split_files_finds_each_file() {
-        let files = split_files("ignored\n=== nightjar.toml\na = 1\n=== jobs/x.toml\nb = 2\nc = 3\n=== mappings/m.toml");
-        assert_eq!(files, vec![("nightjar.toml", "a = 1\n"), ("jobs/x.toml", "b = 2\nc = 3\n"), ("mappings/m.toml", "")]);
+        let files =
+            split_files("ignored\n=== nightjar.toml\na = 1\n=== jobs/x.toml\nb = 2\nc = 3\n=== mappings/m.toml");
+        assert_eq!(
+            files,
+            vec![("nightjar.toml", "a = 1\n"), ("jobs/x.toml", "b = 2\nc = 3\n"), ("mappings/m.toml", "")]
+        );
     }
 }

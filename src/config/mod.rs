@@ -180,7 +180,12 @@ impl FileSource for InMemory {
     fn read(&self, path: &Path) -> Result<SourceFile, Diagnostic> {
         match self.0.get(path) {
             Some(text) => Ok(SourceFile { path: path.to_path_buf(), text: text.clone() }),
-            None => Err(Diagnostic { file: path.to_path_buf(), line: 1, col: 1, message: "cannot read: no such file".into() }),
+            None => Err(Diagnostic {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+                message: "cannot read: no such file".into(),
+            }),
         }
     }
     fn toml_files(&self, dir: &Path, _: &mut Vec<Diagnostic>) -> Vec<PathBuf> {

@@ -194,7 +194,9 @@ fn check_quoting(body: &[u8]) -> Result<(), PageError> {
             (_, b',' | b'\r' | b'\n') => State::FieldStart,
             (State::Unquoted | State::FieldStart, _) if b != b'"' => State::Unquoted,
             (State::Unquoted, _) => {
-                return Err(PageError::Malformed(format!("line {line} of the page has a quote inside an unquoted value")));
+                return Err(PageError::Malformed(format!(
+                    "line {line} of the page has a quote inside an unquoted value"
+                )));
             }
             (State::QuoteInQuoted | State::FieldStart, _) => {
                 return Err(PageError::Malformed(format!("line {line} of the page has text after a closing quote")));
@@ -302,7 +304,9 @@ mod tests {
         let cut = b"\"Id\",\"Note\"\na\"b,\"x\n";
         assert!(decode_page(cut, false, Some("1")).is_err());
         let after_closing = b"\"Id\"\n\"a\"b\n";
-        assert!(decode_page(after_closing, false, Some("1")).unwrap_err().to_string().contains("after a closing quote"));
+        assert!(
+            decode_page(after_closing, false, Some("1")).unwrap_err().to_string().contains("after a closing quote")
+        );
         // Doubled quotes and delimiters inside quoted values are whole.
         let fine = b"\"Id\",\"Note\"\r\n\"1\",\"say \"\"hi\"\", \r\nthen\"\r\n2,\r\n";
         assert_eq!(decode_page(fine, false, Some("2")).unwrap().height(), 2);

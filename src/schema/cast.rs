@@ -50,9 +50,7 @@ pub fn parse_timestamp_ms(text: &str) -> Result<i64, String> {
         // An offset can move a year-0000 or year-9999 instant out of four
         // digits in UTC; its rendering (what the files target writes and
         // reads back) would then not parse, failing every later run.
-        Ok(dt) if !(0..=9999).contains(&dt.year()) => {
-            Err(format!("`{text}` is outside the years 0000 to 9999 in UTC"))
-        }
+        Ok(dt) if !(0..=9999).contains(&dt.year()) => Err(format!("`{text}` is outside the years 0000 to 9999 in UTC")),
         Ok(dt) => Ok(dt.timestamp_millis()),
         Err(_) => match NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f") {
             // An instant without an offset is ambiguous; refusing it beats guessing a zone.

@@ -270,8 +270,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     leaf.prop_recursive(3, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::vec((any::<String>(), inner), 0..6)
-                .prop_map(|entries| Value::Object(entries.into_iter().map(|(k, v)| (k.replace('\0', ""), v)).collect())),
+            prop::collection::vec((any::<String>(), inner), 0..6).prop_map(|entries| Value::Object(
+                entries.into_iter().map(|(k, v)| (k.replace('\0', ""), v)).collect()
+            )),
         ]
     })
 }
