@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod fuzzing;
 pub mod hooks;
 pub mod load;
 pub mod outcome;

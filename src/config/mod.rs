@@ -75,12 +75,25 @@ impl Project {
     /// Loads `nightjar.toml` and the `jobs/` and `mappings/` beside it, and
     /// compiles them; every problem of every file is one diagnostic.
     pub fn load(config_file: &Path) -> Result<Project, ConfigError> {
+        Self::load_from(config_file, &Disk)
+    }
+
+    /// [`Project::load`] over texts in memory: `files` are (path, text)
+    /// pairs with the paths the files would have on disk, `config_file`
+    /// among them; of a path given twice the later text counts. The fuzz
+    /// target's entry point: no disk, no directories.
+    pub fn from_texts(config_file: &Path, files: &[(&str, &str)]) -> Result<Project, ConfigError> {
+        let files = files.iter().map(|(path, text)| (PathBuf::from(path), text.to_string())).collect();
+        Self::load_from(config_file, &InMemory(files))
+    }
+
+    fn load_from(config_file: &Path, source: &dyn FileSource) -> Result<Project, ConfigError> {
         // Paths in messages are as the user gave them: `--config proj/nightjar.toml`
         // gives `proj/jobs/x.toml`, the default gives `jobs/x.toml`.
         let root = config_file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut diags = Vec::new();
 
-        let global = match read(config_file) {
+        let global = match source.read(config_file) {
             Ok(file) => parse::<GlobalConfig>(&file, &mut diags).map(|g| (file, g)),
             Err(d) => {
                 diags.push(d);
@@ -89,15 +102,15 @@ impl Project {
         };
 
         let mut mappings: BTreeMap<String, (SourceFile, MappingFile)> = BTreeMap::new();
-        for path in toml_files(&root.join("mappings"), &mut diags) {
-            let Ok(file) = read(&path).map_err(|d| diags.push(d)) else { continue };
+        for path in source.toml_files(&root.join("mappings"), &mut diags) {
+            let Ok(file) = source.read(&path).map_err(|d| diags.push(d)) else { continue };
             if let Some(m) = parse::<MappingFile>(&file, &mut diags) {
                 mappings.insert(stem(&path), (file, m));
             }
         }
         let mut job_files = Vec::new();
-        for path in toml_files(&root.join("jobs"), &mut diags) {
-            let Ok(file) = read(&path).map_err(|d| diags.push(d)) else { continue };
+        for path in source.toml_files(&root.join("jobs"), &mut diags) {
+            let Ok(file) = source.read(&path).map_err(|d| diags.push(d)) else { continue };
             if let Some(spec) = parse::<JobFile>(&file, &mut diags) {
                 job_files.push((stem(&path), file, spec));
             }
@@ -140,6 +153,44 @@ impl Project {
             connections: settings.connections,
             jobs,
         })
+    }
+}
+
+/// Where the loader reads files from.
+trait FileSource {
+    fn read(&self, path: &Path) -> Result<SourceFile, Diagnostic>;
+    fn toml_files(&self, dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf>;
+}
+
+struct Disk;
+
+impl FileSource for Disk {
+    fn read(&self, path: &Path) -> Result<SourceFile, Diagnostic> {
+        read(path)
+    }
+    fn toml_files(&self, dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
+        toml_files(dir, diags)
+    }
+}
+
+/// Files by path; a directory is the files whose parent it is.
+struct InMemory(BTreeMap<PathBuf, String>);
+
+impl FileSource for InMemory {
+    fn read(&self, path: &Path) -> Result<SourceFile, Diagnostic> {
+        match self.0.get(path) {
+            Some(text) => Ok(SourceFile { path: path.to_path_buf(), text: text.clone() }),
+            None => Err(Diagnostic {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+                message: "cannot read: no such file".into(),
+            }),
+        }
+    }
+    fn toml_files(&self, dir: &Path, _: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
+        let in_dir = |p: &&PathBuf| p.parent() == Some(dir) && p.extension().is_some_and(|x| x == "toml");
+        self.0.keys().filter(in_dir).cloned().collect()
     }
 }
 

@@ -125,12 +125,7 @@ pub fn parse_csv_page(body: &[u8]) -> Result<DataFrame, PageError> {
     if body.last() != Some(&b'\n') {
         return Err(PageError::Truncated("the page does not end with a line ending (it was cut short)".into()));
     }
-    // Quotes open and close fields and come doubled inside them, so a whole
-    // body has an even number; an odd one ends inside a quoted value (cut
-    // right after a newline in it), which a CSV reader would accept.
-    if body.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
-        return Err(PageError::Truncated("the page ends inside a quoted value (it was cut short)".into()));
-    }
+    check_quoting(body)?;
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(body);
     let headers: Vec<String> = reader
         .headers()
@@ -171,6 +166,50 @@ pub fn parse_csv_page(body: &[u8]) -> Result<DataFrame, PageError> {
     }
     let columns = columns.into_iter().map(|b| b.finish().into_series().into_column()).collect();
     DataFrame::new(height, columns).map_err(|e| PageError::Malformed(e.to_string()))
+}
+
+/// Checks the body's quotes follow RFC 4180, as Salesforce writes them: a
+/// quote opens a field, closes it, or comes doubled inside a quoted one.
+/// A CSV reader is lenient about both things this refuses: a body that ends
+/// inside a quoted value (cut right after a newline in it) is read as a
+/// shorter value, and a stray quote in an unquoted field is kept as text,
+/// which can make such a cut look whole to any coarser check.
+fn check_quoting(body: &[u8]) -> Result<(), PageError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        FieldStart,
+        Unquoted,
+        Quoted,
+        /// A quote inside a quoted field: its end, or the first of a pair.
+        QuoteInQuoted,
+    }
+    let mut state = State::FieldStart;
+    let mut line = 1;
+    for &b in body {
+        state = match (state, b) {
+            (State::Quoted, b'"') => State::QuoteInQuoted,
+            (State::Quoted, _) => State::Quoted,
+            (State::QuoteInQuoted, b'"') => State::Quoted,
+            (State::FieldStart, b'"') => State::Quoted,
+            (_, b',' | b'\r' | b'\n') => State::FieldStart,
+            (State::Unquoted | State::FieldStart, _) if b != b'"' => State::Unquoted,
+            (State::Unquoted, _) => {
+                return Err(PageError::Malformed(format!(
+                    "line {line} of the page has a quote inside an unquoted value"
+                )));
+            }
+            (State::QuoteInQuoted | State::FieldStart, _) => {
+                return Err(PageError::Malformed(format!("line {line} of the page has text after a closing quote")));
+            }
+        };
+        if b == b'\n' {
+            line += 1;
+        }
+    }
+    if state == State::Quoted {
+        return Err(PageError::Truncated("the page ends inside a quoted value (it was cut short)".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -253,6 +292,24 @@ mod tests {
         assert!(matches!(decode_page_within(&bomb, true, Some("1"), 4 << 20), Err(PageError::TooLarge(_))));
         let plain = vec![b'\n'; (4 << 20) + 10];
         assert!(matches!(decode_page_within(&plain, false, Some("1"), 4 << 20), Err(PageError::TooLarge(_))));
+    }
+
+    /// Found by fuzzing: stray quotes in unquoted fields kept the number of
+    /// quotes even, so a page cut inside its last quoted value (after a
+    /// newline in it) was accepted with that value shortened.
+    #[test]
+    fn a_cut_hidden_by_stray_quotes_is_refused() {
+        let whole = b"\"Id\",\"Note\"\na\"b,\"x\ny\"\n";
+        assert!(matches!(decode_page(whole, false, Some("1")), Err(PageError::Malformed(_))));
+        let cut = b"\"Id\",\"Note\"\na\"b,\"x\n";
+        assert!(decode_page(cut, false, Some("1")).is_err());
+        let after_closing = b"\"Id\"\n\"a\"b\n";
+        assert!(
+            decode_page(after_closing, false, Some("1")).unwrap_err().to_string().contains("after a closing quote")
+        );
+        // Doubled quotes and delimiters inside quoted values are whole.
+        let fine = b"\"Id\",\"Note\"\r\n\"1\",\"say \"\"hi\"\", \r\nthen\"\r\n2,\r\n";
+        assert_eq!(decode_page(fine, false, Some("2")).unwrap().height(), 2);
     }
 
     #[test]

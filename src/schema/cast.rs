@@ -1,7 +1,7 @@
 //! Strict parsers for the text the Bulk API 2.0 CSV carries. Each returns the
 //! reason a value does not fit, which becomes the reject's reason.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, Timelike, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, Timelike, Utc};
 
 pub fn parse_integer(text: &str) -> Result<i64, String> {
     let t = text.trim();
@@ -46,6 +46,11 @@ pub fn parse_timestamp_ms(text: &str) -> Result<i64, String> {
         .or_else(|_| DateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f%z"))
         .map(|dt| dt.with_timezone(&Utc));
     match parsed {
+        Ok(_) if finer_than_millis(t) => Err(finer_than_millis_reason(text)),
+        // An offset can move a year-0000 or year-9999 instant out of four
+        // digits in UTC; its rendering (what the files target writes and
+        // reads back) would then not parse, failing every later run.
+        Ok(dt) if !(0..=9999).contains(&dt.year()) => Err(format!("`{text}` is outside the years 0000 to 9999 in UTC")),
         Ok(dt) => Ok(dt.timestamp_millis()),
         Err(_) => match NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f") {
             // An instant without an offset is ambiguous; refusing it beats guessing a zone.
@@ -53,6 +58,17 @@ pub fn parse_timestamp_ms(text: &str) -> Result<i64, String> {
             Err(_) => Err(format!("`{text}` is not a timestamp (expected e.g. 2024-01-31T12:00:00.000Z)")),
         },
     }
+}
+
+/// Whether the fraction of a second in `t` (the digits after its first
+/// `.`) has a non-zero digit past milliseconds, Salesforce's precision.
+/// Dropping it would silently change the value.
+fn finer_than_millis(t: &str) -> bool {
+    t.split_once('.').is_some_and(|(_, rest)| rest.bytes().take_while(u8::is_ascii_digit).skip(3).any(|b| b != b'0'))
+}
+
+fn finer_than_millis_reason(text: &str) -> String {
+    format!("`{text}` is more precise than milliseconds (Salesforce's precision); keeping it would need rounding")
 }
 
 /// Parses a Salesforce date (`2024-01-31`, no offset) into days since 1970-01-01.
@@ -80,6 +96,9 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
         // which would land past the end of the day.
         .filter(|time| time.nanosecond() < 1_000_000_000)
         .ok_or_else(|| format!("`{text}` is not a time (expected e.g. 12:00:00.000Z)"))?;
+    if finer_than_millis(t) {
+        return Err(finer_than_millis_reason(text));
+    }
     Ok(i64::from(time.num_seconds_from_midnight()) * 1_000_000_000 + i64::from(time.nanosecond()))
 }
 
@@ -148,7 +167,8 @@ fn without_exponent(text: &str) -> Option<String> {
         return None;
     }
     // Far beyond any decimal(38,s); refusing keeps the padding bounded.
-    if exponent.abs() > 400 {
+    // (`unsigned_abs`: `i64::MIN.abs()` overflows.)
+    if exponent.unsigned_abs() > 400 {
         return None;
     }
     let all: String = format!("{int}{frac}");
@@ -164,11 +184,25 @@ fn without_exponent(text: &str) -> Option<String> {
     Some(if frac.is_empty() { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
 }
 
-/// Checks a value is JSON; the text is kept as sent.
+/// Checks a value is JSON that every target can store; the text is kept as
+/// sent.
 pub fn parse_json(text: &str) -> Result<String, String> {
-    serde_json::from_str::<serde_json::Value>(text)
-        .map(|_| text.to_string())
-        .map_err(|e| format!("`{text}` is not JSON: {e}"))
+    let value = serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("`{text}` is not JSON: {e}"))?;
+    // Postgres `jsonb` refuses a NUL in any string, and one such value
+    // would fail the whole load; as a reject it costs only its row.
+    if has_nul(&value) {
+        return Err(format!("`{text}` holds a NUL character (\\u0000), which Postgres jsonb cannot store"));
+    }
+    Ok(text.to_string())
+}
+
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// Renders epoch milliseconds the way Salesforce writes datetimes in CSV.
@@ -234,6 +268,10 @@ mod tests {
         assert!(parse_decimal("1.0E-7", 18, 0).unwrap_err().contains("more than 0 decimal places"));
         assert!(parse_decimal("1.23456789012345678E17", 18, 0).is_ok(), "no f64 rounding on the way");
         assert!(parse_decimal("1E400000", 38, 0).is_err());
+        // The exponent's absolute value used to overflow (a panic, or in a
+        // build without overflow checks an attempt to pad with 2^63 zeros).
+        assert!(parse_decimal("1e-9223372036854775808", 38, 2).is_err());
+        assert!(parse_decimal("1e9223372036854775807", 38, 2).is_err());
         assert!(parse_decimal("12.345", 18, 2).unwrap_err().contains("more than 2 decimal places"));
         assert!(parse_decimal("1000", 5, 2).unwrap_err().contains("does not fit decimal(5,2)"));
         assert!(parse_decimal("1,5", 5, 2).is_err());
@@ -245,6 +283,17 @@ mod tests {
     fn json_is_validated_and_kept() {
         assert_eq!(parse_json("{\"a\": [1, 2]}").as_deref(), Ok("{\"a\": [1, 2]}"));
         assert!(parse_json("{a: 1}").is_err());
+    }
+
+    /// Postgres jsonb cannot store U+0000: one such value used to fail the
+    /// whole Postgres load instead of rejecting its row.
+    #[test]
+    fn json_with_a_nul_escape_is_refused_with_the_reason() {
+        for text in [r#""a\u0000b""#, r#"{"k": ["x", "\u0000"]}"#, r#"{"\u0000": 1}"#] {
+            let err = parse_json(text).unwrap_err();
+            assert!(err.contains("NUL") && err.contains("jsonb"), "{text}: {err}");
+        }
+        assert!(parse_json(r#"{"k": "\u0001 \\u0000"}"#).is_ok(), "an escaped backslash before u0000 is no NUL");
     }
 
     #[test]
@@ -263,5 +312,34 @@ mod tests {
         assert!(parse_timestamp_ms("2024-02-30T12:00:00Z").is_err());
         assert!(parse_timestamp_ms("yesterday").is_err());
         assert_eq!(format_timestamp_ms(expected).as_deref(), Some("2024-01-31T12:00:00.123Z"));
+    }
+
+    /// Times and timestamps carry milliseconds; a finer value used to lose
+    /// its extra digits silently (`12:00:00.0001` was stored as `12:00:00.000`).
+    #[test]
+    fn sub_millisecond_digits_are_refused_not_dropped() {
+        for text in ["12:00:00.0001", "12:00:00.1234Z"] {
+            assert!(parse_time(text).unwrap_err().contains("more precise than milliseconds"), "{text}");
+        }
+        for text in ["2024-01-31T12:00:00.1239Z", "2024-01-31T12:00:00.0001+01:00"] {
+            assert!(parse_timestamp_ms(text).unwrap_err().contains("more precise than milliseconds"), "{text}");
+        }
+        // Zeros past the milliseconds change nothing.
+        assert_eq!(parse_time("00:00:01.250000Z"), Ok(1_250_000_000));
+        assert_eq!(parse_timestamp_ms("2024-01-31T12:00:00.123000Z"), Ok(1_706_702_400_123));
+    }
+
+    /// An offset that moves an instant out of the years 0000 to 9999 in UTC
+    /// used to be accepted; its rendering does not parse back, so a files
+    /// snapshot holding it failed every later run.
+    #[test]
+    fn timestamps_outside_four_digit_utc_years_are_refused() {
+        for text in ["0000-01-01T00:00:00.000+01:00", "9999-12-31T23:59:59.999-01:00"] {
+            assert!(parse_timestamp_ms(text).unwrap_err().contains("outside the years 0000 to 9999"), "{text}");
+        }
+        for text in ["0000-01-01T01:00:00.000+01:00", "9999-12-31T23:59:59.999Z"] {
+            let ms = parse_timestamp_ms(text).unwrap();
+            assert_eq!(parse_timestamp_ms(&format_timestamp_ms(ms).unwrap()), Ok(ms), "{text}");
+        }
     }
 }

@@ -8,6 +8,7 @@ mod crash;
 mod extract;
 mod files;
 mod fixture;
+mod fuzz_corpus;
 mod history;
 mod hostile;
 mod locks;
