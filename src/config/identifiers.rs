@@ -169,9 +169,7 @@ mod tests {
         ] {
             assert_eq!(salesforce_name(ok), Ok(()), "{ok}");
         }
-        for bad in
-            ["", "1Name", "_Name", "Name_", "Bad__Name", "a__b__c__c", "Na me", "Name;", "Ñame", "A___c"]
-        {
+        for bad in ["", "1Name", "_Name", "Name_", "Bad__Name", "a__b__c__c", "Na me", "Name;", "Ñame", "A___c"] {
             assert!(salesforce_name(bad).is_err(), "{bad}");
         }
         assert!(salesforce_name(&"A".repeat(101)).is_err());

@@ -174,7 +174,10 @@ const CASES: &[(&str, &[Edit])] = &[
     ("sql-type-error", &[("mappings/accounts.toml", SQL_COLUMN, "sql = \"\\\"Name\\\" + 1\"")]),
     (
         "sql-fails-on-every-row",
-        &[("mappings/accounts.toml", SQL_COLUMN, "sql = \"\\\"Name\\\" || CAST('n/a' AS INTEGER)\"")],
+        &[
+            ("mappings/accounts.toml", SQL_COLUMN, "sql = \"\\\"Name\\\" || CAST('n/a' AS INTEGER)\""),
+            ("mappings/accounts.toml", FILTER, "filter = \"CAST(\\\"IsActive__c\\\" AS BOOLEAN)\""),
+        ],
     ),
     (
         "sql-aggregate-or-window",
