@@ -109,7 +109,7 @@ pub fn postgres_identifier(name: &str) -> Result<(), String> {
     printable_name(name)?;
     if name.len() > POSTGRES_MAX_IDENTIFIER {
         return Err(format!(
-            "it is {} bytes; Postgres keeps only the first {POSTGRES_MAX_IDENTIFIER} bytes of a name, so the first run would create the table under a cut name and every later run fail",
+            "it is {} bytes; Postgres keeps only the first {POSTGRES_MAX_IDENTIFIER} bytes of a name, so the first run would create it under a cut name and every later run fail",
             name.len()
         ));
     }
