@@ -9,7 +9,8 @@ use std::time::Duration;
 use polars::prelude::DataType;
 use toml::Spanned;
 
-use super::model::{GlobalConfig, SalesforceConnectionFile, SmtpConfig};
+use super::identifiers;
+use super::model::{GlobalConfig, MappingFile, SalesforceConnectionFile, SmtpConfig};
 use super::{
     AlertOn, AlertSettings, AuthFlow, ColumnRule, ColumnSource, Connection, DeleteMode, Diagnostic, JobPlan,
     JobPositions, MappingPlan, Position, RawJob, RetryPlan, SalesforceConnection, Schedule, Settings, SmtpSettings,
@@ -48,8 +49,11 @@ pub(super) fn salesforce_connection(
             "login_url `{login_url}` is not an http(s) URL; write e.g. \"https://login.salesforce.com\" or your My Domain URL"
         )),
     }
-    if sf.max_concurrent_jobs == 0 {
-        problem("`max_concurrent_jobs` must be at least 1".into());
+    if !(1..=100).contains(&sf.max_concurrent_jobs) {
+        problem(format!(
+            "`max_concurrent_jobs` must be between 1 and 100 (Salesforce runs at most 100 bulk jobs at once), got {}",
+            sf.max_concurrent_jobs
+        ));
     }
     let max_clock_skew =
         duration_in(file, &sf.max_clock_skew, "max_clock_skew", DAY, (Duration::from_secs(60), 30 * DAY), diags);
@@ -162,7 +166,11 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
     let before = diags.len();
     let spec = raw.spec;
     let jf = raw.file;
-    let mf = raw.mapping_file;
+    // A job whose mapping is missing or broken still has its own parts
+    // checked, so one `validate` reports them too.
+    let no_mapping = (SourceFile { path: Default::default(), text: String::new() }, MappingFile::default());
+    let (mf, mapping) = raw.mapping.unwrap_or((&no_mapping.0, &no_mapping.1));
+    let have_mapping = raw.mapping.is_some();
 
     // ---- when
     let cron = spec.schedule.as_ref().and_then(|s| {
@@ -223,6 +231,33 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
             ),
         )),
     }
+    // Identifiers go into the SOQL as written: checked against Salesforce's
+    // rules, so nothing but a name can reach the query.
+    if let Err(problem) = identifiers::salesforce_name(source.object.get_ref()) {
+        diags.push(at(
+            jf,
+            source.object.span(),
+            format!("object `{}` is not a Salesforce API name: {problem}", source.object.get_ref().escape_debug()),
+        ));
+    }
+    for f in source.fields.get_ref() {
+        if let Err(problem) = identifiers::salesforce_field_path(f.get_ref()) {
+            diags.push(at(
+                jf,
+                f.span(),
+                format!(
+                    "field `{}` is not a Salesforce field name or relationship path (`Owner.Email`): {problem}",
+                    f.get_ref().escape_debug()
+                ),
+            ));
+        }
+    }
+    if let Some(condition) = &source.where_clause
+        && !condition.get_ref().trim().is_empty()
+        && let Err(problem) = super::soql::check_condition(condition.get_ref())
+    {
+        diags.push(at(jf, condition.span(), format!("`where` is not one SOQL condition: {problem}")));
+    }
     let fields: Vec<&str> = source.fields.get_ref().iter().map(|f| f.get_ref().as_str()).collect();
     if fields.is_empty() {
         diags.push(at(jf, source.fields.span(), "`fields` is empty; list the Salesforce fields to extract".into()));
@@ -240,6 +275,14 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
         }
     };
     if let Some(cursor) = &source.cursor
+        && let Err(problem) = identifiers::salesforce_field_path(cursor.get_ref())
+    {
+        diags.push(at(
+            jf,
+            cursor.span(),
+            format!("cursor `{}` is not a Salesforce field name: {problem}", cursor.get_ref().escape_debug()),
+        ));
+    } else if let Some(cursor) = &source.cursor
         && !fields.contains(&cursor.get_ref().as_str())
     {
         diags.push(at(
@@ -283,7 +326,6 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
     };
 
     // ---- mapping
-    let mapping = raw.mapping;
     // SQL is parsed and checked by Polars over the job's fields (all text
     // when extracted), so mistakes surface here, not mid-run.
     let check_sql = |what: &str, sql: &Spanned<String>, diags: &mut Vec<Diagnostic>| -> Option<(SqlExpr, DataType)> {
@@ -333,7 +375,7 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
         }
         Some(expr)
     });
-    if mapping.columns.is_empty() {
+    if have_mapping && mapping.columns.is_empty() {
         diags.push(Diagnostic {
             file: mf.path.clone(),
             line: 1,
@@ -353,7 +395,7 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
                 format!("column `{name}` is defined twice; target column names must be unique, rename one")
             } else {
                 format!(
-                    "column `{name}` differs from column `{other}` only in case; SQLite and many tools treat them as one column, rename one"
+                    "column `{name}` differs from column `{other}` only in case; SQLite, Postgres unquoted names and many tools treat them as one column, rename one"
                 )
             };
             diags.push(at(mf, col.name.span(), message));
@@ -416,7 +458,7 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
     if key.is_empty() {
         diags.push(at(jf, target.key.span(), "`key` is empty; name the target column(s) that identify a row".into()));
     }
-    for k in target.key.get_ref() {
+    for k in target.key.get_ref().iter().filter(|_| have_mapping) {
         match mapping.columns.iter().find(|c| c.name.get_ref() == k.get_ref()) {
             None => diags.push(at(
                 jf,
@@ -446,18 +488,62 @@ pub(super) fn compile_job(raw: &RawJob<'_>, settings: &Settings, diags: &mut Vec
             diags.push(at(jf, target.connection.span(), unknown_connection(target_conn, settings)));
             None
         }
-        Some(Connection::Sqlite { path }) => Some(TargetKind::Sqlite { path: path.clone(), table: table.clone() }),
+        Some(Connection::Sqlite { path }) => {
+            if let Err(problem) = identifiers::sqlite_table(table) {
+                diags.push(at(jf, target.table.span(), format!("table `{}`: {problem}", table.escape_debug())));
+            }
+            Some(TargetKind::Sqlite { path: path.clone(), table: table.clone() })
+        }
         Some(Connection::Postgres { url }) => {
             let (schema, name) = match table.split_once('.') {
                 Some((s, t)) => (Some(s.to_string()), t.to_string()),
                 None => (None, table.clone()),
             };
+            for (what, part) in [("schema", schema.as_deref()), ("table", Some(name.as_str()))] {
+                if let Some(Err(problem)) = part.map(identifiers::postgres_identifier) {
+                    diags.push(at(
+                        jf,
+                        target.table.span(),
+                        format!(
+                            "{what} `{}` of `table = \"{}\"`: {problem}",
+                            part.unwrap_or("").escape_debug(),
+                            table.escape_debug()
+                        ),
+                    ));
+                }
+            }
+            for col in &mapping.columns {
+                let name = col.name.get_ref();
+                // Other problems of the name are reported for every target.
+                if name.len() > identifiers::POSTGRES_MAX_IDENTIFIER
+                    && let Err(problem) = identifiers::postgres_identifier(name)
+                {
+                    diags.push(at(
+                        mf,
+                        col.name.span(),
+                        format!("column `{name}`, which job `{}` loads into Postgres: {problem}", raw.name),
+                    ));
+                }
+            }
             Some(TargetKind::Postgres { url: url.clone(), schema, table: name })
         }
         Some(Connection::Files { dir, format }) => {
+            if let Err(problem) = identifiers::file_name(table) {
+                diags.push(at(
+                    jf,
+                    target.table.span(),
+                    format!("table `{}` names the snapshot file in {}: {problem}", table.escape_debug(), dir.display()),
+                ));
+            }
             let partition_by: Vec<String> = target.partition_by.iter().map(|p| p.get_ref().clone()).collect();
             for p in &target.partition_by {
-                if !mapping.columns.iter().any(|c| c.name.get_ref() == p.get_ref()) {
+                if let Err(problem) = identifiers::file_name(p.get_ref()) {
+                    diags.push(at(
+                        jf,
+                        p.span(),
+                        format!("`partition_by` column `{}`: {problem}", p.get_ref().escape_debug()),
+                    ));
+                } else if have_mapping && !mapping.columns.iter().any(|c| c.name.get_ref() == p.get_ref()) {
                     diags.push(at(
                         jf,
                         p.span(),
@@ -543,11 +629,8 @@ fn position(file: &SourceFile, span: Range<usize>) -> Position {
 
 /// What is wrong with a target column name, if anything.
 fn column_name_problem(name: &str) -> Option<String> {
-    if name.trim().is_empty() {
-        return Some("the name is empty".into());
-    }
-    if name.chars().any(|c| c.is_control()) {
-        return Some("the name contains a control character (NUL, newline, ...); use printable characters".into());
+    if let Err(problem) = identifiers::printable_name(name) {
+        return Some(problem);
     }
     if RESERVED_COLUMNS.iter().any(|r| r.eq_ignore_ascii_case(name))
         || name.to_ascii_lowercase().starts_with("_nightjar")

@@ -7,10 +7,12 @@
 //! file model with its spans (`model.rs`) never leaves this module.
 
 mod check;
+pub mod identifiers;
 mod interpolate;
 mod model;
 mod plan;
 mod schedule;
+pub mod soql;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,6 +27,7 @@ pub use interpolate::{EnvString, InterpolationError, Secret, interpolate_with};
 pub use model::{AlertOn, AuthFlow, DeleteMode, FileFormat, SchemaEvolution, SmtpSecurity};
 pub use plan::*;
 pub use schedule::Schedule;
+pub use soql::check_condition;
 
 use model::{ConnectionFile, GlobalConfig, JobFile, MappingFile, SpannedDuration};
 
@@ -102,10 +105,20 @@ impl Project {
         };
 
         let mut mappings: BTreeMap<String, (SourceFile, MappingFile)> = BTreeMap::new();
+        // Mappings that exist but did not read or parse: already reported.
+        let mut broken_mappings = std::collections::BTreeSet::new();
         for path in source.toml_files(&root.join("mappings"), &mut diags) {
-            let Ok(file) = source.read(&path).map_err(|d| diags.push(d)) else { continue };
-            if let Some(m) = parse::<MappingFile>(&file, &mut diags) {
-                mappings.insert(stem(&path), (file, m));
+            let Ok(file) = source.read(&path).map_err(|d| diags.push(d)) else {
+                broken_mappings.insert(stem(&path));
+                continue;
+            };
+            match parse::<MappingFile>(&file, &mut diags) {
+                Some(m) => {
+                    mappings.insert(stem(&path), (file, m));
+                }
+                None => {
+                    broken_mappings.insert(stem(&path));
+                }
             }
         }
         let mut job_files = Vec::new();
@@ -123,7 +136,8 @@ impl Project {
         let mut jobs = BTreeMap::new();
         for (name, file, spec) in job_files {
             let mapping_name = spec.transform.mapping.get_ref();
-            let Some((mapping_file, mapping)) = mappings.get(mapping_name) else {
+            let mapping = mappings.get(mapping_name).map(|(f, m)| (f, m));
+            if mapping.is_none() && !broken_mappings.contains(mapping_name) {
                 diags.push(at(
                     &file,
                     spec.transform.mapping.span(),
@@ -132,14 +146,16 @@ impl Project {
                         root.join("mappings").join(format!("{mapping_name}.toml")).display()
                     ),
                 ));
-                continue;
-            };
-            let raw = RawJob { name: &name, file: &file, spec: &spec, mapping_file, mapping };
+            }
+            let raw = RawJob { name: &name, file: &file, spec: &spec, mapping };
             if let Some(plan) = check::compile_job(&raw, &settings, &mut diags) {
                 jobs.insert(name.clone(), plan);
             }
         }
         if !diags.is_empty() {
+            // File by file, top to bottom: the order a reader fixes them in.
+            diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+            diags.dedup();
             return Err(ConfigError::Invalid(diags));
         }
         Ok(Project {
@@ -199,8 +215,9 @@ pub(crate) struct RawJob<'a> {
     pub name: &'a str,
     pub file: &'a SourceFile,
     pub spec: &'a JobFile,
-    pub mapping_file: &'a SourceFile,
-    pub mapping: &'a MappingFile,
+    /// The job's mapping file and its contents; `None` when it is missing
+    /// or broken (reported already).
+    pub mapping: Option<(&'a SourceFile, &'a MappingFile)>,
 }
 
 /// `nightjar.toml` compiled; what jobs are checked against.
@@ -301,6 +318,9 @@ pub(crate) fn duration_in(
     d
 }
 
+/// More runs at once than any org's Bulk API allows jobs is a typo.
+const MAX_CONCURRENT_RUNS: u32 = 100;
+
 fn compile_global(root: &Path, file: &SourceFile, global: &GlobalConfig, diags: &mut Vec<Diagnostic>) -> Settings {
     let mut connections = BTreeMap::new();
     for (name, conn) in &global.connections {
@@ -315,8 +335,15 @@ fn compile_global(root: &Path, file: &SourceFile, global: &GlobalConfig, diags: 
         connections.insert(name.clone(), compiled);
     }
     let max_concurrent_runs = match &global.limits.max_concurrent_runs {
-        Some(n) if *n.get_ref() == 0 => {
-            diags.push(at(file, n.span(), "`max_concurrent_runs` must be at least 1".into()));
+        Some(n) if !(1..=MAX_CONCURRENT_RUNS).contains(n.get_ref()) => {
+            diags.push(at(
+                file,
+                n.span(),
+                format!(
+                    "`max_concurrent_runs` must be between 1 and {MAX_CONCURRENT_RUNS}, got {}; each run holds a Salesforce job and a target connection",
+                    n.get_ref()
+                ),
+            ));
             1
         }
         Some(n) => *n.get_ref(),
@@ -377,7 +404,7 @@ pub(crate) fn plan_for_tests(job: &str, mapping: &str) -> JobPlan {
     let mapping_file = SourceFile { path: "mappings/m.toml".into(), text: mapping.to_string() };
     let spec: JobFile = toml::from_str(job).expect("test job parses");
     let parsed: MappingFile = toml::from_str(mapping).expect("test mapping parses");
-    let raw = RawJob { name: "test", file: &file, spec: &spec, mapping_file: &mapping_file, mapping: &parsed };
+    let raw = RawJob { name: "test", file: &file, spec: &spec, mapping: Some((&mapping_file, &parsed)) };
     let mut diags = Vec::new();
     let plan = check::compile_job(&raw, &settings, &mut diags);
     assert!(diags.is_empty(), "test job is valid: {}", render(&diags));

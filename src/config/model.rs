@@ -316,7 +316,7 @@ pub struct JobAlerts {
 
 // ---------------------------------------------------------------- mappings/NAME.toml
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingFile {
     pub filter: Option<Spanned<String>>,

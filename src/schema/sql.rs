@@ -67,37 +67,55 @@ impl SqlExpr {
     }
 
     /// Everything `validate` can know without data: a row expression whose
-    /// type resolves over the job's text fields, and that evaluates on an
-    /// empty page and on a probe page (one row of nulls, one of sample
-    /// text) to one value per row. An expression that fails here would fail
-    /// on every page. Returns the output type.
+    /// type resolves over the job's text fields, that evaluates on an empty
+    /// page and on a page of nulls to one value per row, and that does not
+    /// fail on every sample of Salesforce text. An expression that fails
+    /// any of these would fail on every page. Returns the output type.
     pub fn check(&self, fields: &[&str]) -> Result<DataType, String> {
         self.check_row_expression()?;
         let ty = self.output_type(fields)?;
         let schema = text_schema(fields);
-        let probes = [
-            DataFrame::empty_with_schema(&schema),
-            DataFrame::full_null(&schema, 1),
-            probe_rows(fields).map_err(|e| clean_polars_message(&e.to_string()))?,
-        ];
-        for probe in probes {
-            let height = probe.height();
-            match probe.lazy().select([self.expr.clone().alias("out")]).collect() {
-                Ok(out) if out.height() == height => {}
-                Ok(out) => {
-                    return Err(format!(
-                        "`{}` produced {} values for {height} rows; a mapping expression must give one value per row",
-                        self.text,
-                        out.height()
-                    ));
-                }
-                // A value-dependent failure (a strict CAST of the sample
-                // text) is the row's problem, not the expression's.
-                Err(_) if height == 2 => {}
-                Err(e) => return Err(clean_polars_message(&e.to_string())),
+        for probe in [DataFrame::empty_with_schema(&schema), DataFrame::full_null(&schema, 1)] {
+            self.evaluate(probe)?;
+        }
+        // A failure on some samples only is a value's problem (that row is
+        // rejected at run time). The same failure on every sample does not
+        // depend on the value: a type error Polars finds only when it runs
+        // (`"Name" + 1`), a cast of a constant, an unsupported cast.
+        let mut failures = Vec::new();
+        for sample in PROBE_VALUES {
+            let probe = one_row(fields, sample).map_err(|e| clean_polars_message(&e.to_string()))?;
+            match self.evaluate(probe) {
+                Ok(()) => return Ok(ty),
+                Err(e) => failures.push(e),
             }
         }
-        Ok(ty)
+        match failures.first() {
+            Some(first) if failures.iter().all(|f| f == first) => Err(format!(
+                "`{}` fails on every value ({} samples of Salesforce text tried, the same error each time): {first}",
+                self.text,
+                PROBE_VALUES.len()
+            )),
+            _ => Ok(ty),
+        }
+    }
+
+    /// Evaluates the expression on `page`; it must give one value per row.
+    fn evaluate(&self, page: DataFrame) -> Result<(), String> {
+        let height = page.height();
+        let out = page
+            .lazy()
+            .select([self.expr.clone().alias("out")])
+            .collect()
+            .map_err(|e| clean_polars_message(&e.to_string()))?;
+        if out.height() != height {
+            return Err(format!(
+                "`{}` produced {} values for {height} rows; a mapping expression must give one value per row",
+                self.text,
+                out.height()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -105,11 +123,25 @@ fn text_schema(fields: &[&str]) -> Schema {
     fields.iter().map(|f| Field::new(PlSmallStr::from_str(f), DataType::String)).collect()
 }
 
-/// Two rows of plausible Salesforce text for every field: digits and a
-/// word, so expressions meet both kinds of value.
-fn probe_rows(fields: &[&str]) -> PolarsResult<DataFrame> {
-    let columns = fields.iter().map(|f| Series::new(PlSmallStr::from_str(f), &["1", "x"]).into_column()).collect();
-    DataFrame::new(2, columns)
+/// How Salesforce renders each field type in bulk results, and plain words:
+/// an expression that works on real data works on one of these.
+const PROBE_VALUES: &[&str] = &[
+    "1",
+    "-2.5",
+    "x",
+    "Acme, Inc.",
+    "true",
+    "2024-01-31",
+    "2024-01-31T12:30:00.000Z",
+    "12:30:00.000Z",
+    "",
+    "{\"a\": 1}",
+];
+
+/// One row with `value` in every field.
+fn one_row(fields: &[&str], value: &str) -> PolarsResult<DataFrame> {
+    let columns = fields.iter().map(|f| Series::new(PlSmallStr::from_str(f), &[value]).into_column()).collect();
+    DataFrame::new(1, columns)
 }
 
 /// Polars error messages carry a trailing "Resolved plan until failure" dump
@@ -147,6 +179,19 @@ mod tests {
             assert!(err.contains("one page at a time") || err.contains("one value per row"), "{text}: {err}");
         }
         let fine = SqlExpr::parse("CAST(N AS INTEGER) * 2").unwrap();
+        // Fails on some text only: a reject at run time, not a config error.
+        for text in
+            ["CAST(N AS INTEGER) + 1", "CAST(N AS INTEGER) + CAST(Name AS DOUBLE)", "strptime(Name, '%d/%m/%Y')"]
+        {
+            let e = SqlExpr::parse(text).unwrap();
+            assert!(e.check(&["Name", "N"]).is_ok(), "{text}: {:?}", e.check(&["Name", "N"]));
+        }
+        // Fails on every value, whatever it is.
+        for text in ["CAST(N AS BOOLEAN)", "Name || CAST('n/a' AS INTEGER)"] {
+            let e = SqlExpr::parse(text).unwrap();
+            let err = e.check(&["Name", "N"]).unwrap_err();
+            assert!(err.contains("every value") || err.contains("n/a"), "{text}: {err}");
+        }
         assert_eq!(fine.check(&["Name", "N"]).unwrap(), DataType::Int32);
     }
 }
