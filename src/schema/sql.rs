@@ -61,8 +61,10 @@ impl SqlExpr {
     /// a run spends API calls.
     pub fn output_type(&self, fields: &[&str]) -> Result<DataType, String> {
         let schema = text_schema(fields);
-        let mut frame = DataFrame::empty_with_schema(&schema).lazy().select([self.expr.clone().alias("out")]);
-        let out = frame.collect_schema().map_err(|e| clean_polars_message(&e.to_string()))?;
+        let out = self.guarded(|| {
+            let mut frame = DataFrame::empty_with_schema(&schema).lazy().select([self.expr.clone().alias("out")]);
+            frame.collect_schema().map_err(|e| clean_polars_message(&e.to_string()))
+        })?;
         out.get("out").cloned().ok_or_else(|| "the expression produced no column".to_string())
     }
 
@@ -100,14 +102,36 @@ impl SqlExpr {
         }
     }
 
+    /// Runs a Polars call on this expression, turning a panic inside Polars
+    /// into an error: some ill-typed expressions (an ill-typed sub-expression
+    /// repeated, so the common sub-expression pass meets it; list arithmetic
+    /// we do not build in) panic inside Polars instead of returning an
+    /// error, and `validate` must report them, not crash (found by fuzzing:
+    /// `fuzz/regressions/sql/`).
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!(
+                "`{}` cannot be evaluated: Polars failed on it ({}); rewrite the expression, e.g. with explicit CASTs",
+                self.text,
+                clean_polars_message(why)
+            ))
+        })
+    }
+
     /// Evaluates the expression on `page`; it must give one value per row.
     fn evaluate(&self, page: DataFrame) -> Result<(), String> {
         let height = page.height();
-        let out = page
-            .lazy()
-            .select([self.expr.clone().alias("out")])
-            .collect()
-            .map_err(|e| clean_polars_message(&e.to_string()))?;
+        let out = self.guarded(|| {
+            page.lazy()
+                .select([self.expr.clone().alias("out")])
+                .collect()
+                .map_err(|e| clean_polars_message(&e.to_string()))
+        })?;
         if out.height() != height {
             return Err(format!(
                 "`{}` produced {} values for {height} rows; a mapping expression must give one value per row",

@@ -58,9 +58,7 @@ fn sql_corpus_replays() {
     replay("sql", fuzzing::sql);
 }
 
-// The SOQL `where` target waits for `nightjar::config::check_condition`
-// (the `validate` branch); once merged, replay its corpus too:
-// #[test]
-// fn soql_where_corpus_replays() {
-//     replay("soql_where", |d| fuzzing::soql_where(d, nightjar::config::check_condition));
-// }
+#[test]
+fn soql_where_corpus_replays() {
+    replay("soql_where", |d| fuzzing::soql_where(d, nightjar::config::check_condition));
+}
