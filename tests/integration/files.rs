@@ -204,7 +204,9 @@ async fn composite_keys_that_would_collide_as_joined_text_stay_two_rows() {
         let dir = tempfile::tempdir().unwrap();
         let open = || FilesTarget::open(dir.path(), format, "pairs", Vec::new(), nightjar::hooks::none()).unwrap();
         // Both keys in one page, then each again in a run of its own.
-        let runs: [(&[(&str, &str)], i64, LoadCounts); 3] = [
+        // Each run: its rows, their value, the counts it must report.
+        type Run<'a> = (&'a [(&'a str, &'a str)], i64, LoadCounts);
+        let runs: [Run<'_>; 3] = [
             (&keys, 1, LoadCounts { inserted: 2, ..Default::default() }),
             (&keys[..1], 2, LoadCounts { updated: 1, ..Default::default() }),
             (&keys[1..], 2, LoadCounts { updated: 1, ..Default::default() }),
