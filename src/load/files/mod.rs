@@ -437,7 +437,10 @@ impl Core {
         let recorder = RecordingFile::new(file);
         let perr = self.polars_err("writing the staged page", &path, Some(&recorder));
         frame.rechunk_mut();
+        // Single-threaded, here and below: one page at a time is the memory
+        // bound, not one page per thread.
         ParquetWriter::new(recorder.clone())
+            .set_parallel(false)
             .with_compression(ParquetCompression::Lz4Raw)
             .with_statistics(StatisticsOptions::empty())
             .finish(&mut frame)
@@ -479,7 +482,7 @@ impl Core {
             for page in &run.pages {
                 let perr = core.polars_err("reading the staged page", page, None);
                 let file = File::open(page).map_err(core.io_err("opening", page))?;
-                let frame = ParquetReader::new(file).finish().map_err(perr)?;
+                let frame = ParquetReader::new(file).read_parallel(ParallelStrategy::None).finish().map_err(perr)?;
                 each(frame)?;
             }
             Ok(())
@@ -616,7 +619,13 @@ impl Core {
                     let rows = group.num_rows();
                     let mut reader = ParquetReader::new(open()?);
                     reader.set_metadata(metadata.clone());
-                    let frame = reader.with_slice(Some((offset, rows))).finish().map_err(&perr)?;
+                    // Over row groups, not none: only that strategy skips
+                    // the groups outside the slice instead of decoding them.
+                    let frame = reader
+                        .read_parallel(ParallelStrategy::RowGroups)
+                        .with_slice(Some((offset, rows)))
+                        .finish()
+                        .map_err(&perr)?;
                     offset += rows;
                     each(conform(frame, layout).map_err(&perr)?)?;
                 }
@@ -654,11 +663,10 @@ impl Core {
             FileFormat::Parquet => {
                 let schema: Schema =
                     layout.iter().map(|(n, t)| Field::new(PlSmallStr::from_str(n), dtype(*t))).collect();
-                let writer = ParquetWriter::new(recorder.clone()).batched(&schema).map_err(self.polars_err(
-                    "writing",
-                    tmp.path(),
-                    Some(&recorder),
-                ))?;
+                let writer = ParquetWriter::new(recorder.clone())
+                    .set_parallel(false)
+                    .batched(&schema)
+                    .map_err(self.polars_err("writing", tmp.path(), Some(&recorder)))?;
                 WriterKind::Parquet(Box::new(writer))
             }
             FileFormat::Csv => {
