@@ -219,15 +219,6 @@ fn decimal_value(text: &str) -> (bool, String, String) {
     (negative && !zero, int, frac)
 }
 
-fn has_nul(value: &serde_json::Value) -> bool {
-    match value {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(items) => items.iter().any(has_nul),
-        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
-    }
-}
-
 /// The config, job and mapping loader. Input: files, each introduced by a
 /// line `=== PATH` (e.g. `=== jobs/accounts.toml`); `nightjar.toml` is the
 /// global config.

@@ -196,7 +196,8 @@ pub fn parse_json(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-fn has_nul(value: &serde_json::Value) -> bool {
+/// Whether any string or key of `value` holds a NUL character.
+pub fn has_nul(value: &serde_json::Value) -> bool {
     match value {
         serde_json::Value::String(s) => s.contains('\0'),
         serde_json::Value::Array(items) => items.iter().any(has_nul),
